@@ -1,0 +1,3 @@
+from vm2core.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Reader layer: HyperVStorage container -> saved state -> guest memory and CPU state."""
