@@ -1,0 +1,1 @@
+"""Sinks: where the core's bytes go (file, stdout, zstd stream, SFTP upload)."""
