@@ -9,6 +9,7 @@ Python buffers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 PAGE_SIZE = 4096
 
@@ -60,3 +61,19 @@ class FileSpan:
 
 
 Piece = Zeros | Data | FileSpan
+
+
+class PhysicalMemory(Protocol):
+    """Random access to guest-physical memory (used by the guest-kernel analysis)."""
+
+    def read_physical(self, gpa: int, length: int) -> bytes:
+        """``length`` bytes at ``gpa``; raises :class:`NotInMemory` if any byte is not guest RAM."""
+        ...
+
+
+class NotInMemory(LookupError):
+    """A guest-physical address outside every RAM range."""
+
+    def __init__(self, gpa: int) -> None:
+        super().__init__(f"guest-physical address {gpa:#x} is not in any RAM range")
+        self.gpa = gpa
