@@ -53,6 +53,12 @@ def _truncated(out_pos: int, out_size: int) -> XpressError:
     return XpressError(f"XPRESS stream truncated after {out_pos} of {out_size} bytes")
 
 
+def _bad_match(offset: int, length: int, out_pos: int, out_size: int) -> XpressError:
+    if offset > out_pos:
+        return XpressError(f"XPRESS match offset {offset} reaches before the output start at {out_pos}")
+    return XpressError(f"XPRESS match of {length} bytes at {out_pos} overruns the {out_size}-byte output")
+
+
 def decompress_pure(data: bytes | memoryview, out_size: int) -> bytes:
     """Decode with the portable Python decoder.
 
@@ -76,10 +82,10 @@ def decompress_pure(data: bytes | memoryview, out_size: int) -> bytes:
         # [MS-XCA] 2.4: 32 flags, little-endian, consumed from the most significant bit; 1 = match.
         flags = src[pos] | src[pos + 1] << 8 | src[pos + 2] << 16 | src[pos + 3] << 24
         pos += 4
-        bits = 32
+        bits = 32  # flags not consumed yet; flags holds only those bits
         while bits:
             # Literal run: the zero flags above the highest remaining one bit.
-            run = bits - (flags & ((1 << bits) - 1)).bit_length()
+            run = bits - flags.bit_length()
             if run:
                 if run > out_size - out_pos:
                     run = out_size - out_pos
@@ -94,16 +100,18 @@ def decompress_pure(data: bytes | memoryview, out_size: int) -> bytes:
                 if not bits:
                     break
             bits -= 1
-            if pos == end:
-                # [MS-XCA]: a match flag at the end of input is the end-of-stream marker.
-                raise XpressError(f"XPRESS stream ends after {out_pos} of {out_size} bytes")
+            flags ^= 1 << bits
             if pos + 2 > end:
+                if pos == end:
+                    # [MS-XCA]: a match flag at the end of input is the end-of-stream marker.
+                    raise XpressError(f"XPRESS stream ends after {out_pos} of {out_size} bytes")
                 raise _truncated(out_pos, out_size)
             token = src[pos] | src[pos + 1] << 8
             pos += 2
             offset = (token >> 3) + 1
-            length = token & 7
-            if length == 7:
+            length = (token & 7) + 3
+            if length == 10:
+                # Lengths of 10 and more continue in a shared nibble, then a byte, u16 or u32.
                 if nibble_at == 0:
                     if pos >= end:
                         raise _truncated(out_pos, out_size)
@@ -132,12 +140,9 @@ def decompress_pure(data: bytes | memoryview, out_size: int) -> bytes:
                             raise XpressError(f"XPRESS long match length {length} below {_MIN_LONG_LENGTH}")
                         length -= _MIN_LONG_LENGTH
                     length += 15
-                length += 7
-            length += 3
-            if offset > out_pos:
-                raise XpressError(f"XPRESS match offset {offset} before output start at {out_pos}")
-            if length > out_size - out_pos:
-                raise XpressError(f"XPRESS match of {length} bytes at {out_pos} overruns {out_size}")
+                length += 10
+            if offset > out_pos or length > out_size - out_pos:
+                raise _bad_match(offset, length, out_pos, out_size)
             start = out_pos - offset
             if offset >= length:
                 out += out[start:start + length]
