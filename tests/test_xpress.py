@@ -121,7 +121,7 @@ def test_shared_nibble_byte() -> None:
 
 
 def test_spec_worked_example() -> None:
-    """[MS-XCA] 3.1: 'abc' * 100 -> 3 literals and one match (offset 3, length 297)."""
+    """Hand-derived from [MS-XCA] 2.3: "abc" * 100 -> 3 literals, one match (offset 3, length 297)."""
     stream = bytes.fromhex("ffffff1f61626317000fff2601")
     assert compress(b"abc" * 100) == stream
     for backend in BACKENDS:
