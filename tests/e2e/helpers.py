@@ -1,0 +1,53 @@
+"""Shared shapes and parsers for the real-kernel tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BASELINE_CRASH_COMMANDS = ["sys", "log", "ps", "bt -a"]
+
+
+@dataclass(frozen=True)
+class Capture:
+    directory: Path
+    description: dict[str, Any]
+
+    @property
+    def marker(self) -> str:
+        return str(self.description["marker"])
+
+    @property
+    def release(self) -> str:
+        return str(self.description["kernel_release"])
+
+    @property
+    def qemu_core(self) -> Path:
+        return self.directory / self.description["qemu_core"]
+
+    @property
+    def ram(self) -> Path:
+        return self.directory / self.description["ranges"][0]["file"]
+
+    @property
+    def vcpus(self) -> list[dict[str, Any]]:
+        return sorted(self.description["vcpus"], key=lambda v: v["index"])
+
+
+def parse_ps(text: str) -> list[dict[str, Any]]:
+    """crash ``ps`` rows -> [{"pid", "ppid", "cpu", "task", "state", "comm"}] (kernel threads in brackets)."""
+    rows = []
+    for line in text.splitlines():
+        fields = line.lstrip("> ").split()
+        if len(fields) < 9 or not fields[0].isdigit():
+            continue
+        rows.append({"pid": int(fields[0]), "ppid": int(fields[1]), "cpu": int(fields[2]),
+                     "task": fields[3], "state": fields[4], "comm": " ".join(fields[8:])})
+    return rows
+
+
+def kernel_mode(vcpu: dict[str, Any]) -> bool:
+    """The vCPU was paused in ring 0 (only then must a backtrace start at its saved RIP)."""
+    return (vcpu["segments"]["cs"]["selector"] & 3) == 0

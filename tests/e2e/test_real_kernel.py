@@ -1,0 +1,209 @@
+"""vm2core on a real kernel: capture -> .vmrs -> vm2core CLI -> crash and drgn, against QEMU's own dump.
+
+The .vmrs is built from the QEMU capture with the test-only writer, so the ground truth (QEMU's dump of the
+same pause, and the raw RAM image) is known exactly. crash runs with no --kaslr and no -m: the core must carry
+everything crash needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scripts.lab import capture, config, readers
+from tests.e2e.helpers import BASELINE_CRASH_COMMANDS, REPO_ROOT, Capture, kernel_mode, parse_ps
+
+pytestmark = pytest.mark.e2e
+
+CLI_TIMEOUT_SECONDS = 900
+CHUNK = 1 << 20
+PT_LOAD = 1
+
+
+@dataclass(frozen=True)
+class Conversion:
+    vmrs: Path
+    core: Path
+    stdout_sha256: str
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _run_cli(args: list[str], stdout_path: Path | None = None) -> None:
+    argv = [sys.executable, "-m", "vm2core", *args]
+    if stdout_path is None:
+        proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, timeout=CLI_TIMEOUT_SECONDS)
+    else:
+        with stdout_path.open("wb") as out:
+            proc = subprocess.run(argv, cwd=REPO_ROOT, stdout=out, stderr=subprocess.PIPE,
+                                  timeout=CLI_TIMEOUT_SECONDS)
+    if proc.returncode != 0:
+        stderr = proc.stderr.decode(errors="replace")[-4000:]
+        pytest.fail(f"{' '.join(argv)} exited {proc.returncode}:\n{stderr}")
+
+
+@pytest.fixture(scope="session")
+def conversion(guest: Capture, tmp_path_factory: pytest.TempPathFactory) -> Conversion:
+    """The capture wrapped into a record-encoded .vmrs, converted by the real CLI to a file and to stdout."""
+    try:
+        from tests.vmrs_writer import RangeSpec, WriterOptions, ram_from_file, write_vmrs
+    except ImportError as exc:
+        pytest.fail(f"tests.vmrs_writer is not available yet: {exc}")
+    work = tmp_path_factory.mktemp("conversion")
+    ranges, vps = capture.load_capture(guest.directory)
+    specs = [RangeSpec(gpa_start=r.gpa_start, page_count=r.size // 4096,
+                       read=ram_from_file(r.file, r.file_offset)) for r in ranges]
+    vmrs = work / "guest.vmrs"
+    write_vmrs(vmrs, specs, vps, WriterOptions(policy="records"))
+
+    core = work / "guest.core"
+    _run_cli([str(vmrs), str(core)])
+    piped = work / "guest-stdout.core"
+    _run_cli([str(vmrs), "-"], stdout_path=piped)
+    stdout_sha256 = _sha256(piped)
+    piped.unlink()  # only its digest is needed; it is as large as guest RAM
+    return Conversion(vmrs=vmrs, core=core, stdout_sha256=stdout_sha256)
+
+
+@pytest.fixture(scope="session")
+def our_crash(lab: config.LabConfig, conversion: Conversion) -> dict[str, str]:
+    outputs = readers.run_crash_each(conversion.core, BASELINE_CRASH_COMMANDS, lab)
+    return dict(zip(BASELINE_CRASH_COMMANDS, outputs, strict=True))
+
+
+@pytest.fixture(scope="session")
+def our_drgn(lab: config.LabConfig, guest: Capture, conversion: Conversion) -> dict[str, Any]:
+    # No vmcoreinfo override: our core must carry the note itself.
+    return readers.run_drgn_checks(conversion.core, guest.marker, None, lab)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def test_file_and_stdout_outputs_are_identical(conversion: Conversion) -> None:
+    assert _sha256(conversion.core) == conversion.stdout_sha256
+
+
+# ---------------------------------------------------------------------------------------------- RAM
+
+def _pt_loads(core: Path) -> Iterator[tuple[int, int, int, int]]:
+    from elftools.elf.elffile import ELFFile
+
+    with core.open("rb") as f:
+        elf = ELFFile(f)
+        for segment in elf.iter_segments():
+            if segment["p_type"] == "PT_LOAD":
+                yield segment["p_paddr"], segment["p_offset"], segment["p_filesz"], segment["p_memsz"]
+
+
+def test_every_guest_ram_byte_matches_the_ram_image(guest: Capture, conversion: Conversion) -> None:
+    ranges, _ = capture.load_capture(guest.directory)
+    loads = sorted(_pt_loads(conversion.core))
+    assert loads, "no PT_LOAD segments"
+    covered = sorted((paddr, paddr + memsz) for paddr, _, _, memsz in loads)
+    expected = sorted((r.gpa_start, r.gpa_start + r.size) for r in ranges)
+    assert _merge(covered) == _merge(expected), "PT_LOADs must cover exactly the guest RAM ranges"
+
+    with conversion.core.open("rb") as core_file:
+        for paddr, offset, filesz, memsz in loads:
+            for position in range(0, memsz, CHUNK):
+                length = min(CHUNK, memsz - position)
+                gpa = paddr + position
+                wanted = _ram_bytes(ranges, gpa, length)
+                in_file = max(0, min(length, filesz - position))
+                core_file.seek(offset + position)
+                got = core_file.read(in_file) + bytes(length - in_file)
+                if got != wanted:
+                    first = next(i for i in range(length) if got[i] != wanted[i])
+                    pytest.fail(f"guest RAM differs at GPA {gpa + first:#x} (PT_LOAD at {paddr:#x})")
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _ram_bytes(ranges: list[capture.CaptureRange], gpa: int, length: int) -> bytes:
+    for r in ranges:
+        if r.gpa_start <= gpa and gpa + length <= r.gpa_start + r.size:
+            with r.file.open("rb") as f:
+                f.seek(r.file_offset + gpa - r.gpa_start)
+                data = f.read(length)
+            assert len(data) == length, f"{r.file} is shorter than its range"
+            return data
+    raise AssertionError(f"[{gpa:#x}, {gpa + length:#x}) crosses or leaves the captured RAM ranges")
+
+
+# ---------------------------------------------------------------------------------------------- crash
+
+def test_crash_sys_shows_release(our_crash: dict[str, str], guest: Capture) -> None:
+    assert f"RELEASE: {guest.release}" in our_crash["sys"], our_crash["sys"]
+    assert f"CPUS: {len(guest.vcpus)}" in our_crash["sys"], our_crash["sys"]
+
+
+def test_crash_log_shows_marker(our_crash: dict[str, str], guest: Capture) -> None:
+    assert guest.marker in our_crash["log"]
+
+
+def test_crash_ps_lists_the_same_tasks(our_crash: dict[str, str], qemu_crash: dict[str, str]) -> None:
+    def rows(text: str) -> list[tuple[Any, ...]]:
+        keys = ("pid", "ppid", "cpu", "task", "state", "comm")
+        return sorted(tuple(row[k] for k in keys) for row in parse_ps(text))
+
+    ours = rows(our_crash["ps"])
+    assert ours and ours == rows(qemu_crash["ps"])
+
+
+def test_crash_bt_all_matches_qemu_dump(our_crash: dict[str, str], qemu_crash: dict[str, str]) -> None:
+    ours = readers.normalise_bt(our_crash["bt -a"])
+    reference = readers.normalise_bt(qemu_crash["bt -a"])
+    assert {cpu: bt.key() for cpu, bt in ours.items()} == {cpu: bt.key() for cpu, bt in reference.items()}, (
+        f"ours:\n{our_crash['bt -a']}\nQEMU's:\n{qemu_crash['bt -a']}"
+    )
+
+
+def test_crash_bt_starts_at_each_saved_rip(our_crash: dict[str, str], guest: Capture) -> None:
+    blocks = readers.normalise_bt(our_crash["bt -a"])
+    assert sorted(blocks) == [v["index"] for v in guest.vcpus], our_crash["bt -a"]
+    for vcpu in guest.vcpus:
+        if kernel_mode(vcpu):
+            assert f"{vcpu['regs']['rip']:x}" in blocks[vcpu["index"]].text, blocks[vcpu["index"]].text
+
+
+# ---------------------------------------------------------------------------------------------- drgn
+
+def test_drgn_release_and_marker(our_drgn: dict[str, Any], guest: Capture) -> None:
+    assert our_drgn["release"] == guest.release
+    assert our_drgn["marker_found"], our_drgn["log_tail"]
+
+
+def test_drgn_task_list_matches_qemu_dump(our_drgn: dict[str, Any], qemu_drgn: dict[str, Any]) -> None:
+    assert our_drgn["tasks"] and our_drgn["tasks"] == qemu_drgn["tasks"]
+
+
+def test_drgn_stack_trace_per_cpu(our_drgn: dict[str, Any], qemu_drgn: dict[str, Any],
+                                  guest: Capture) -> None:
+    assert sorted(our_drgn["cpus"]) == sorted(qemu_drgn["cpus"])
+    for vcpu in guest.vcpus:
+        ours = our_drgn["cpus"][str(vcpu["index"])]
+        assert "error" not in ours, ours
+        assert ours == qemu_drgn["cpus"][str(vcpu["index"])]
+        if kernel_mode(vcpu):
+            assert ours["frames"][0]["pc"] == vcpu["regs"]["rip"]
