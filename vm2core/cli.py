@@ -1,0 +1,250 @@
+"""Command line: maps arguments to a saved-state reader and a sink; owns messages and exit codes.
+
+Exit codes (also in README and ``--help``):
+  0  success
+  1  the core could not be written (output exists, terminal, disk full, broken pipe, network)
+  2  bad or unsupported input, or bad usage
+  3  internal error (a bug: please report it; VM2CORE_DEBUG=1 shows the traceback)
+  130 interrupted (Ctrl-C)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vm2core import __version__
+from vm2core.core.convert import Progress, convert
+from vm2core.errors import OutputError, Vm2coreError
+from vm2core.progress import LogProgress, TerminalProgress, human_bytes
+from vm2core.reader.savedstate import SavedState
+from vm2core.sinks.base import Sink
+from vm2core.sinks.file import FileSink, StdoutSink
+
+EXIT_OK, EXIT_OUTPUT, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+EPILOG = """\b
+Exit codes: 0 success; 1 the core could not be written; 2 bad or unsupported input or usage;
+3 internal error (VM2CORE_DEBUG=1 shows a traceback); 130 interrupted.
+\b
+Examples:
+  vm2core GUEST.vmrs GUEST.core
+  vm2core GUEST.vmrs - | zstd > GUEST.core.zst
+  vm2core info GUEST.vmrs
+"""
+
+
+def _err(message: str) -> None:
+    click.echo(f"vm2core: {message}", err=True)
+
+
+class _Reporter:
+    """What the user sees on stderr: messages unless -q, progress when asked or on a terminal."""
+
+    def __init__(self, quiet: bool, progress: bool | None) -> None:
+        self.quiet = quiet
+        tty = sys.stderr.isatty()
+        show = (tty if progress is None else progress) and not quiet
+        self.progress: Progress = (TerminalProgress() if tty else LogProgress()) if show else Progress()
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            click.echo(message, err=True)
+
+    def warn(self, message: str) -> None:
+        if not self.quiet:
+            _err(f"warning: {message}")
+
+
+def _run(func: Any, *args: Any, **kwargs: Any) -> None:
+    """Turn every failure into one line and an exit code."""
+    try:
+        func(*args, **kwargs)
+    except Vm2coreError as e:
+        _err(str(e))
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        _err("output closed early (broken pipe)")
+        sys.exit(EXIT_OUTPUT)
+    except Exception as e:  # a bug: still no traceback unless asked for
+        if os.environ.get("VM2CORE_DEBUG"):
+            raise
+        _err(f"internal error: {type(e).__name__}: {e} (VM2CORE_DEBUG=1 shows the traceback)")
+        sys.exit(EXIT_INTERNAL)
+
+
+class _DefaultGroup(click.Group):
+    """``vm2core INPUT OUTPUT`` means ``vm2core convert INPUT OUTPUT``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["convert", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@click.version_option(__version__, prog_name="vm2core")
+def main() -> None:
+    """Convert a Hyper-V saved state (.vmrs) of a Linux guest into an ELF vmcore for crash and drgn.
+
+    \b
+    vm2core INPUT OUTPUT        convert (OUTPUT "-" = standard output)
+    vm2core info INPUT          describe the saved state and the guest kernel in it
+    vm2core inspect INPUT       list the raw keys of any HyperVStorage file
+    """
+
+
+@main.command("convert", epilog=EPILOG)
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("output", metavar="OUTPUT", type=str)
+@click.option("-f", "--force", is_flag=True, help="Overwrite OUTPUT if it exists; allow a terminal as stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("--progress/--no-progress", default=None,
+              help="Show progress on stderr (default: only when stderr is a terminal).")
+def convert_cmd(input_path: Path, output: str, force: bool, quiet: bool, progress: bool | None) -> None:
+    """Convert INPUT (.vmrs) into an ELF core at OUTPUT ("-" for standard output).
+
+    The core is written to a temporary file beside OUTPUT and renamed when complete. It carries
+    one PT_LOAD per guest RAM range, NT_PRSTATUS and QEMU-style CPU notes for every virtual
+    processor, and the guest kernel's own VMCOREINFO note, so `crash vmlinux OUTPUT` and
+    `drgn -c OUTPUT` need no extra options.
+    """
+    _run(_convert, input_path, output, force=force, quiet=quiet, progress=progress)
+
+
+def _open_sink(output: str, force: bool, input_path: Path) -> Sink:
+    if output == "-":
+        return StdoutSink(force=force)
+    target = Path(output)
+    try:
+        if target.exists() and target.resolve() == input_path.resolve():
+            raise OutputError(f"{target}: output is the input file")
+    except OSError:
+        pass
+    return FileSink(target, force=force)
+
+
+def _convert(input_path: Path, output: str, *, force: bool, quiet: bool, progress: bool | None) -> None:
+    rep = _Reporter(quiet, progress)
+    with SavedState.open(input_path) as state:
+        if state.dirty:
+            rep.warn(f"{input_path}: the replay log holds uncommitted changes; memory may be incomplete")
+        sink = _open_sink(output, force, input_path)
+        try:
+            result = convert(state, sink, progress=rep.progress, warn=rep.warn)
+            sink.commit()
+        except BaseException:
+            sink.abort()
+            raise
+    k = result.selection.kernel
+    if k is not None:
+        rep.say(f"guest kernel {k.osrelease}, KERNELOFFSET={k.kernel_offset or 0:#x}, "
+                f"phys_base={k.phys_base if k.phys_base is not None else 'unknown'}")
+    rep.say(f"wrote {human_bytes(result.bytes_written)} to {sink.description}: "
+            f"{len(state.vps)} CPUs, {len(result.layout.segments)} memory ranges"
+            + (", VMCOREINFO from guest memory" if k else ", no VMCOREINFO"))
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--no-scan", is_flag=True, help="Do not search guest memory for the kernel (fast).")
+@click.option("--progress/--no-progress", default=None, help="Show progress on stderr.")
+def info(input_path: Path, as_json: bool, no_scan: bool, progress: bool | None) -> None:
+    """Describe a saved state: VM, CPUs, memory ranges and the guest kernel found in memory."""
+    _run(_info, input_path, as_json, not no_scan, progress)
+
+
+def _info(input_path: Path, as_json: bool, scan: bool, progress: bool | None) -> None:
+    from vm2core.info import describe
+
+    rep = _Reporter(False, progress)
+    with SavedState.open(input_path) as state:
+        report = describe(state, rep.progress, scan=scan)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(render_info(report))
+
+
+def render_info(r: dict[str, Any]) -> str:
+    c = r["container"]
+    lines = [
+        f"file:              {r['file']} ({human_bytes(r['file_size'])})",
+        f"container:         HyperVStorage {c['format_version']}, header copy {c['header_copy']} "
+        f"(sequence {c['sequence']}), {c['keys']} keys in {c['key_tables']} key tables",
+        f"VM version:        {r['vm_version']}",
+        f"saved-state type:  {r['saved_state_type'] or '(not recorded)'}",
+        f"dirty replay log:  {'yes (uncommitted changes!)' if r['dirty_replay_log'] else 'no'}",
+        f"processors:        {r['vp_count']} x {r['architecture']} ({r['vendor']}), "
+        f"VTLs saved: {', '.join(map(str, r['vtls']))}",
+    ]
+    for vp in r["vps"]:
+        lines.append(f"  VP {vp['index']:<3} RIP {vp['rip']:#018x}  RSP {vp['rsp']:#018x}  "
+                     f"CR3 {vp['cr3']:#014x}  IDTR {vp['idtr_base']:#018x}")
+    lines.append(f"memory ranges:     {len(r['memory_ranges'])}")
+    for m in r["memory_ranges"]:
+        lines.append(f"  {m['gpa_start']:#014x}-{m['gpa_end']:#014x}  {m['pages']:>9} pages "
+                     f"({human_bytes(m['pages'] * 4096)})  NUMA node {m['numa_node']}")
+    b = r["blocks"]
+    lines += [
+        f"total RAM:         {human_bytes(r['total_ram'])}",
+        f"stored RAM data:   {human_bytes(r['stored_bytes'])} in {b['raw']} raw, {b['records']} "
+        f"record-encoded and {b['missing']} missing blocks",
+        f"zero pages:        {r['zero_pages']} ({100 * r['zero_share']:.1f}% of RAM, from fill records "
+        "and missing blocks)",
+    ]
+    if "guest_kernel" in r:
+        k = r["guest_kernel"]
+        if k:
+            off = "none (no KASLR)" if k["kernel_offset"] is None else f"{k['kernel_offset']:#x}"
+            pb = "unknown" if k["phys_base"] is None else f"{k['phys_base']:#x}"
+            lines += [
+                f"guest kernel:      Linux {k['osrelease']}",
+                f"  KERNELOFFSET     {off}",
+                f"  phys_base        {pb}",
+                f"  VMCOREINFO note  at GPA {k['vmcoreinfo_gpa']:#x}"
+                + (f" ({k['copies']} identical copies)" if k["copies"] > 1 else ""),
+            ]
+            lines += [f"  caveat: {c_}" for c_ in k["caveats"]]
+        else:
+            lines.append("guest kernel:      not found")
+        lines += [f"  {reason}" for reason in r.get("guest_kernel_reasons", []) if not k]
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def inspect(input_path: Path, as_json: bool) -> None:
+    """List every key of a HyperVStorage file (.vmrs, .vsv, .vmcx) with its type and size.
+
+    For files vm2core cannot convert (e.g. the legacy .vsv of Server 2012 R2), this shows what is
+    inside without guessing at its meaning.
+    """
+    _run(_inspect, input_path, as_json)
+
+
+def _inspect(input_path: Path, as_json: bool) -> None:
+    from vm2core.reader.container import HyperVStorage
+
+    with HyperVStorage.open(input_path) as c:
+        rows = [{"path": k.path, "type": k.type_name, "size": k.data_size, "file_offset": k.data_offset,
+                 "file_object": k.in_file_object} for k in sorted(c.keys.values(), key=lambda k: k.path)]
+        if as_json:
+            click.echo(json.dumps({"format_version": c.header.format_version,
+                                   "dirty_replay_log": bool(c.replay_log and c.replay_log.dirty),
+                                   "keys": rows}, indent=2))
+            return
+        click.echo(f"# HyperVStorage {c.header.format_version >> 8}.{c.header.format_version & 0xff}, "
+                   f"{len(rows)} keys")
+        for row in rows:
+            click.echo(f"{row['type']:<7} {row['size']:>10}  {row['path']}")

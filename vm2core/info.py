@@ -1,0 +1,100 @@
+"""`vm2core info`: what a saved state holds, as one plain dict (rendered as text or JSON by the CLI)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vm2core.core.convert import Progress, find_kernel
+from vm2core.reader.memory import PAGE_SIZE, Zeros
+from vm2core.reader.partition_state import VENDORS
+from vm2core.reader.ramblock import decode_records, slice_pieces
+from vm2core.reader.savedstate import RAM_BLOCK_KEY, SavedState
+
+_NOT_DECODED = memoryview(bytes(1 << 20))
+
+
+def _skip_xpress(_data: bytes | memoryview, out_size: int) -> bytes:
+    """Stand-in decompressor: the statistics pass only needs record headers, not page contents."""
+    return _NOT_DECODED[:out_size]  # type: ignore[return-value]
+
+
+def memory_statistics(state: SavedState, progress: Progress) -> dict[str, Any]:
+    """Stored bytes, block encodings and pages known to be zero (fill records, missing blocks)."""
+    stored = 0
+    encodings = {"raw": 0, "records": 0, "missing": 0}
+    zero = 0
+    progress.start("reading RAM block headers", state.total_ram)
+    try:
+        for r in state.ranges:
+            for info, start, length in state.blocks_of(r):
+                encodings[info.encoding] += 1
+                stored += info.stored_size
+                if info.entry is None:
+                    zero += length
+                elif info.encoding == "records":
+                    pieces = decode_records(state.read_block_bytes(info), decompressor=_skip_xpress,
+                                            name=RAM_BLOCK_KEY.format(info.number),
+                                            file_offset=info.entry.data_offset)
+                    zero += sum(p.length for p in slice_pieces(pieces, start, length) if isinstance(p, Zeros))
+                progress.advance(length)
+    finally:
+        progress.finish()
+    total = state.total_ram
+    return {"stored_bytes": stored, "blocks": encodings, "zero_bytes": zero,
+            "zero_share": zero / total if total else 0.0, "zero_pages": zero // PAGE_SIZE}
+
+
+def describe(state: SavedState, progress: Progress | None = None, *, scan: bool = True) -> dict[str, Any]:
+    progress = progress or Progress()
+    c = state.container
+    h = c.header
+    part = state.partition
+    vtls = sorted({s.vtl for s in part.states})
+    report: dict[str, Any] = {
+        "file": str(state.path),
+        "file_size": c.file_size,
+        "container": {
+            "format_version": f"{h.format_version >> 8}.{h.format_version & 0xff}",
+            "header_copy": h.copy,
+            "sequence": h.sequence,
+            "header_problems": c.header_problems,
+            "object_entries": len(c.objects),
+            "key_tables": c.key_tables_used,
+            "stale_key_tables": c.stale_key_tables,
+            "keys": len(c.keys),
+        },
+        "vm_version": f"{state.vm_version >> 8}.{state.vm_version & 0xff}",
+        "saved_state_type": state.saved_state_type,
+        "dirty_replay_log": state.dirty,
+        "architecture": state.architecture,
+        "vendor": VENDORS.get(part.vendor, "unknown") if part.vendor is not None else "unknown",
+        "vp_count": len(state.vps),
+        "vtls": vtls,
+        "vps": [
+            {"index": vp.index, "vtl": vp.vtl, "rip": vp.reg("rip"), "rsp": vp.reg("rsp"),
+             "cr3": vp.reg("cr3"), "cr4": vp.reg("cr4"), "idtr_base": vp.idtr.base}
+            for vp in state.vps
+        ],
+        "memory_ranges": [
+            {"index": r.index, "gpa_start": r.gpa_start, "gpa_end": r.gpa_end, "pages": r.page_count,
+             "numa_node": r.numa_node, "first_data_page": r.mbp_index_start, "flags": r.flags}
+            for r in state.ranges
+        ],
+        "total_ram": state.total_ram,
+    }
+    report.update(memory_statistics(state, progress))
+    if scan:
+        selection, scanned = find_kernel(state, progress)
+        k = selection.kernel
+        report["guest_kernel"] = None if k is None else {
+            "osrelease": k.osrelease,
+            "kernel_offset": k.kernel_offset,
+            "phys_base": k.phys_base,
+            "pagesize": k.pagesize,
+            "vmcoreinfo_gpa": k.note_gpa,
+            "copies": k.copies,
+            "caveats": list(k.caveats),
+        }
+        report["guest_kernel_reasons"] = selection.reasons
+        report["scanned_bytes"] = scanned
+    return report

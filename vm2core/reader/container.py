@@ -1,0 +1,402 @@
+"""HyperVStorage: the key-value container under .vmrs / .vsv / .vmcx files.
+
+Knows nothing about virtual machines.  It answers "which keys exist", "what is the value of
+this key" and "where in the file do this key's bytes live" (so that 1 MiB RAM blocks can be
+copied or decoded without going through a Python-level copy of the whole value).
+
+Sources of the facts (see ``vmrs-format.md`` §1): [FMT] OpenVMM ``support/hvs_file/FORMAT.md``,
+[DIS] dissect.hypervisor ``c_hyperv.py``.  Every size read from the file is checked against
+the file size or the table that contains it before it is used.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from vm2core.errors import FormatError, UnsupportedError
+
+# --- on-disk structures ----------------------------------------------------------------------
+
+# [FMT] "File Header": two copies, at 0 and 4096; the valid one with the higher sequence wins.
+HEADER_OFFSETS = (0, 4096)
+HEADER = struct.Struct("<IIHIIIIQQI")  # 46 bytes
+HEADER_SIGNATURE = 0x01282014
+HEADER_CRC_OFFSET = 4
+FORMAT_VERSIONS = {0x0100, 0x0101, 0x0200, 0x0300, 0x0301, 0x0400}
+MAX_DATA_ALIGNMENT = 65536
+
+# [FMT] "Object Tables": root at 8192; header {u32 signature, u32 count}; 18-byte entries.
+ROOT_OBJECT_TABLE_OFFSET = 8192
+OBJECT_TABLE_HEADER = struct.Struct("<II")
+OBJECT_TABLE_SIGNATURE = 0x01110001
+OBJECT_ENTRY = struct.Struct("<BIQIB")  # type, crc, file_offset, size, flags
+OBJ_EMPTY, OBJ_TABLE, OBJ_KEY_TABLE, OBJ_FILE, OBJ_FREE = 0, 1, 2, 3, 4
+# [DIS] types seen in the wild beyond 0-4: 5 unknown, 6 replay log, 7 change tracking buffer.
+OBJ_FLAG_REQUIRED = 0x01
+MAX_OBJECT_TABLE_ENTRIES = 1 << 20    # sanity bound on one table's entry count
+MAX_OBJECT_TABLES = 1 << 16           # bound on the chain length
+
+# [FMT] "Key Tables": header {u16 signature 2, u16 table_index, u16 sequence, u32 crc}.
+KEY_TABLE_HEADER = struct.Struct("<HHHI")
+KEY_TABLE_SIGNATURE = 0x0002
+MAX_KEY_TABLE_SIZE = 16 << 20
+# [FMT] "Key Table Entry Header" (21 bytes).
+KEY_ENTRY = struct.Struct("<BBIHIIIB")  # type, flags, size, parent_table, parent_offset, crc, seq, name_len
+KEY_FREE, KEY_INT, KEY_UINT, KEY_DOUBLE, KEY_STRING, KEY_ARRAY, KEY_BOOL, KEY_NODE = 1, 3, 4, 5, 6, 7, 8, 9
+KEY_TYPE_NAMES = {KEY_FREE: "free", KEY_INT: "int", KEY_UINT: "uint", KEY_DOUBLE: "double",
+                  KEY_STRING: "string", KEY_ARRAY: "array", KEY_BOOL: "bool", KEY_NODE: "node"}
+KEY_FLAG_FILE_OBJECT = 0x01
+FILE_OBJECT_REF = struct.Struct("<IQ")  # {u32 size, u64 file_offset}
+LENGTH_PREFIX = struct.Struct("<I")     # string and array values
+MAX_KEY_DEPTH = 64
+
+# [DIS] replay log header {u32 signature, u32 crc, u32 entry_count, ..., u32 max_entries}.
+REPLAY_LOG_HEADER = struct.Struct("<III")
+REPLAY_LOG_SIGNATURE = 0x01110003
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    copy: int               # 0 or 1: which of the two copies this is
+    sequence: int
+    format_version: int
+    data_version: int
+    flags: int
+    data_alignment: int
+    replay_log_offset: int
+    replay_log_size: int
+    replay_log_header_size: int
+
+
+@dataclass(frozen=True)
+class ObjectEntry:
+    table_offset: int       # where the entry itself lives (for messages)
+    type: int
+    crc: int
+    offset: int
+    size: int
+    flags: int
+
+
+@dataclass(frozen=True)
+class ReplayLog:
+    offset: int
+    size: int
+    signature_ok: bool
+    entry_count: int
+
+    @property
+    def dirty(self) -> bool:
+        """A non-zero entry count means changes were never committed into the file body."""
+        return self.signature_ok and self.entry_count > 0
+
+
+@dataclass
+class KeyEntry:
+    """One key as stored; ``data_offset``/``data_size`` locate the value's bytes in the file."""
+
+    path: str
+    type: int
+    flags: int
+    table_index: int
+    table_offset: int       # offset of this entry inside its key table
+    parent: tuple[int, int]
+    data_offset: int        # absolute file offset of the value bytes (after any length prefix)
+    data_size: int
+    in_file_object: bool
+    children: list[str] = field(default_factory=list)
+
+    @property
+    def type_name(self) -> str:
+        return KEY_TYPE_NAMES.get(self.type, f"type{self.type}")
+
+
+class HyperVStorage:
+    """A parsed HyperVStorage file.  Construct with :meth:`open` or from a binary file object."""
+
+    def __init__(self, fh: BinaryIO, path: Path | str = "<input>") -> None:
+        self._fh = fh
+        self.path = Path(path) if not isinstance(path, Path) else path
+        fh.seek(0, 2)
+        self.file_size = fh.tell()
+        self.header_problems: list[str] = []
+        self.header = self._read_headers()
+        self.objects = self._read_object_tables()
+        self.skipped_object_types: dict[int, int] = {}
+        self.keys: dict[str, KeyEntry] = {}
+        self.key_tables_used = 0
+        self.stale_key_tables = 0
+        self._read_key_tables()
+        self.replay_log = self._read_replay_log()
+
+    @classmethod
+    def open(cls, path: Path | str) -> HyperVStorage:
+        p = Path(path)
+        try:
+            fh = p.open("rb")
+        except OSError as e:
+            raise FormatError(f"cannot open: {e.strerror or e}", path=p) from None
+        try:
+            return cls(fh, p)
+        except BaseException:
+            fh.close()
+            raise
+
+    @property
+    def file(self) -> BinaryIO:
+        return self._fh
+
+    def close(self) -> None:
+        self._fh.close()
+
+    # --- low-level reads -------------------------------------------------------------------
+
+    def _error(self, message: str, structure: str, offset: int | None = None) -> FormatError:
+        return FormatError(message, path=self.path, structure=structure, offset=offset)
+
+    def read_at(self, offset: int, size: int, structure: str) -> bytes:
+        """Exactly ``size`` bytes at ``offset`` or a FormatError naming the structure."""
+        if offset < 0 or size < 0 or offset + size > self.file_size:
+            raise self._error(f"{size} bytes at {offset:#x} lie beyond the end of the file "
+                              f"({self.file_size:#x} bytes): truncated?", structure, offset)
+        self._fh.seek(offset)
+        data = self._fh.read(size)
+        if len(data) != size:
+            raise self._error("short read (file changed while reading?)", structure, offset)
+        return data
+
+    # --- header ---------------------------------------------------------------------------
+
+    def _read_headers(self) -> FileHeader:
+        candidates: list[FileHeader] = []
+        for copy, off in enumerate(HEADER_OFFSETS):
+            if off + HEADER.size > self.file_size:
+                self.header_problems.append(f"header copy {copy} missing (file too short)")
+                continue
+            raw = self.read_at(off, HEADER.size, "file header")
+            (sig, crc, seq, fmt, data_ver, flags, align, rl_off, rl_size, rl_hdr) = HEADER.unpack(raw)
+            if sig != HEADER_SIGNATURE:
+                self.header_problems.append(f"header copy {copy}: bad signature {sig:#010x}")
+                continue
+            zeroed = raw[:HEADER_CRC_OFFSET] + b"\0\0\0\0" + raw[HEADER_CRC_OFFSET + 4:]
+            if zlib.crc32(zeroed) != crc:
+                self.header_problems.append(f"header copy {copy}: CRC mismatch")
+                continue
+            candidates.append(FileHeader(copy, seq, fmt, data_ver, flags, align, rl_off, rl_size, rl_hdr))
+        if not candidates:
+            detail = "; ".join(self.header_problems)
+            raise self._error(f"not a Hyper-V saved-state (HyperVStorage) file: {detail}", "file header", 0)
+        best = max(candidates, key=lambda h: h.sequence)
+        if best.format_version not in FORMAT_VERSIONS:
+            raise UnsupportedError(f"unknown container format version {best.format_version:#06x}",
+                                   path=self.path, structure="file header",
+                                   offset=HEADER_OFFSETS[best.copy] + 10)
+        return best
+
+    @property
+    def wide_key_names(self) -> bool:
+        """Format 1.0 stores key names as UTF-16 ([FMT] "Format Versions")."""
+        return self.header.format_version == 0x0100
+
+    # --- object tables --------------------------------------------------------------------
+
+    def _read_object_tables(self) -> list[ObjectEntry]:
+        entries: list[ObjectEntry] = []
+        seen: set[int] = set()
+        offset: int | None = ROOT_OBJECT_TABLE_OFFSET
+        while offset is not None:
+            if offset in seen or len(seen) >= MAX_OBJECT_TABLES:
+                raise self._error("object table chain loops", "object table", offset)
+            seen.add(offset)
+            sig, count = OBJECT_TABLE_HEADER.unpack(
+                self.read_at(offset, OBJECT_TABLE_HEADER.size, "object table header"))
+            if sig != OBJECT_TABLE_SIGNATURE:
+                raise self._error(f"bad object table signature {sig:#010x}", "object table", offset)
+            if count > MAX_OBJECT_TABLE_ENTRIES:
+                raise self._error(f"implausible entry count {count}", "object table", offset)
+            raw = self.read_at(offset + OBJECT_TABLE_HEADER.size, count * OBJECT_ENTRY.size, "object table")
+            table = [ObjectEntry(offset + OBJECT_TABLE_HEADER.size + i * OBJECT_ENTRY.size, *fields)
+                     for i, fields in enumerate(OBJECT_ENTRY.iter_unpack(raw))]
+            # [FMT]: the last entry of every table is the chain slot.
+            offset = None
+            if table:
+                last = table.pop()
+                if last.type == OBJ_TABLE:
+                    offset = last.offset
+            for e in table:
+                if e.type == OBJ_TABLE:  # a chain pointer in the middle: follow it after this one
+                    raise self._error("object table pointer outside the chain slot", "object table entry",
+                                      e.table_offset)
+            entries.extend(table)
+        return entries
+
+    # --- key tables -----------------------------------------------------------------------
+
+    def _read_key_tables(self) -> None:
+        # Several key tables may share an index; the highest sequence is current [DIS].
+        current: dict[int, tuple[int, ObjectEntry, bytes]] = {}
+        for e in self.objects:
+            if e.type != OBJ_KEY_TABLE:
+                if e.type not in (OBJ_EMPTY, OBJ_FILE, OBJ_FREE):
+                    self.skipped_object_types[e.type] = self.skipped_object_types.get(e.type, 0) + 1
+                continue
+            # Both flag styles exist (OpenVMM: "required" only on key tables; dissect: on all);
+            # we accept key tables with or without it.
+            if e.size < KEY_TABLE_HEADER.size or e.size > MAX_KEY_TABLE_SIZE:
+                raise self._error(f"implausible key table size {e.size}", "object table entry", e.table_offset)
+            data = self.read_at(e.offset, e.size, "key table")
+            sig, index, seq, crc = KEY_TABLE_HEADER.unpack_from(data)
+            if sig != KEY_TABLE_SIGNATURE:
+                raise self._error(f"bad key table signature {sig:#06x}", "key table", e.offset)
+            zeroed = data[:6] + b"\0\0\0\0"
+            if zlib.crc32(zeroed) != crc:
+                raise self._error("key table header CRC mismatch", "key table", e.offset)
+            prev = current.get(index)
+            if prev is None or seq > prev[0]:
+                if prev is not None:
+                    self.stale_key_tables += 1
+                current[index] = (seq, e, data)
+            else:
+                self.stale_key_tables += 1
+        self.key_tables_used = len(current)
+
+        raw_entries: dict[tuple[int, int], tuple[int, int, str, int, int, int, bool, tuple[int, int]]] = {}
+        for index, (_seq, obj, data) in current.items():
+            self._parse_key_table(index, obj, data, raw_entries)
+
+        # Resolve full paths by walking parent links (parents may live in later tables).
+        paths: dict[tuple[int, int], str] = {(0, 0): ""}
+
+        def resolve(loc: tuple[int, int], depth: int = 0) -> str | None:
+            if loc in paths:
+                return paths[loc]
+            entry = raw_entries.get(loc)
+            if entry is None or depth > MAX_KEY_DEPTH:
+                return None
+            parent = entry[7]
+            parent_path = resolve(parent, depth + 1)
+            if parent_path is None:
+                return None
+            path = f"{parent_path}/{entry[2]}"
+            paths[loc] = path
+            return path
+
+        for loc, (ktype, flags, _name, data_off, data_size, _lenpfx, in_fo, parent) in raw_entries.items():
+            path = resolve(loc)
+            if path is None:
+                continue  # orphan: its parent node is gone (stale table); not reachable
+            if ktype == KEY_NODE and path in self.keys:
+                continue
+            self.keys[path] = KeyEntry(path, ktype, flags, loc[0], loc[1], parent, data_off, data_size, in_fo)
+        for path in list(self.keys):
+            parent_path = path.rsplit("/", 1)[0]
+            if parent_path in self.keys:
+                self.keys[parent_path].children.append(path)
+
+    def _parse_key_table(self, index: int, obj: ObjectEntry, data: bytes,
+                         out: dict[tuple[int, int], tuple[int, int, str, int, int, int, bool, tuple[int, int]]]
+                         ) -> None:
+        pos = KEY_TABLE_HEADER.size
+        end = len(data)
+        wide = self.wide_key_names
+        # [FMT]: entries exactly fill the table; trailing room of <= 21 bytes is unused slack.
+        while pos + KEY_ENTRY.size < end:
+            ktype, flags, size, p_table, p_off, _crc, _ins, name_len = KEY_ENTRY.unpack_from(data, pos)
+            where = obj.offset + pos
+            if size < KEY_ENTRY.size or pos + size > end:
+                raise self._error(f"key entry size {size} does not fit its table", "key table entry", where)
+            if ktype == KEY_FREE or ktype == 0:
+                pos += size
+                continue
+            name_bytes_len = name_len * 2 if wide else name_len
+            name_start = pos + KEY_ENTRY.size
+            value_start = name_start + name_bytes_len
+            if value_start > pos + size:
+                raise self._error("key name overruns its entry", "key table entry", where)
+            raw_name = data[name_start:value_start]
+            name = (raw_name.decode("utf-16-le", "replace") if wide
+                    else raw_name.decode("utf-8", "replace")).rstrip("\0")
+            value_len = pos + size - value_start
+            data_off, data_size, in_fo = self._locate_value(ktype, flags, data, value_start, value_len,
+                                                           obj.offset, where)
+            out[(index, pos)] = (ktype, flags, name, data_off, data_size, 0, in_fo, (p_table, p_off))
+            pos += size
+
+    def _locate_value(self, ktype: int, flags: int, data: bytes, start: int, avail: int,
+                      table_file_offset: int, where: int) -> tuple[int, int, bool]:
+        if flags & KEY_FLAG_FILE_OBJECT:
+            if avail < FILE_OBJECT_REF.size:
+                raise self._error("file-object reference truncated", "key table entry", where)
+            size, offset = FILE_OBJECT_REF.unpack_from(data, start)
+            if offset + size > self.file_size:
+                raise self._error(f"file object of {size} bytes at {offset:#x} lies beyond the end of the "
+                                  f"file ({self.file_size:#x}): truncated?", "file object", offset)
+            return offset, size, True
+        if ktype in (KEY_STRING, KEY_ARRAY):
+            if avail < LENGTH_PREFIX.size:
+                raise self._error("value length prefix truncated", "key table entry", where)
+            (length,) = LENGTH_PREFIX.unpack_from(data, start)
+            if length > avail - LENGTH_PREFIX.size:
+                raise self._error(f"inline value of {length} bytes overruns its entry", "key table entry", where)
+            return table_file_offset + start + LENGTH_PREFIX.size, length, False
+        return table_file_offset + start, avail, False
+
+    # --- replay log -----------------------------------------------------------------------
+
+    def _read_replay_log(self) -> ReplayLog | None:
+        off, size = self.header.replay_log_offset, self.header.replay_log_size
+        if off == 0 or off + REPLAY_LOG_HEADER.size > self.file_size:
+            return None
+        sig, _crc, count = REPLAY_LOG_HEADER.unpack(self.read_at(off, REPLAY_LOG_HEADER.size, "replay log"))
+        return ReplayLog(off, size, sig == REPLAY_LOG_SIGNATURE, count if sig == REPLAY_LOG_SIGNATURE else 0)
+
+    # --- key access -----------------------------------------------------------------------
+
+    def get(self, path: str) -> KeyEntry | None:
+        return self.keys.get(path)
+
+    def require(self, path: str) -> KeyEntry:
+        entry = self.keys.get(path)
+        if entry is None:
+            raise self._error(f"required key {path} is missing", "key tree")
+        return entry
+
+    def read_bytes(self, entry: KeyEntry, limit: int = 64 << 20) -> bytes:
+        """The raw value bytes of an array/string/fixed-size key (bounded by ``limit``)."""
+        if entry.data_size > limit:
+            raise self._error(f"value of {entry.path} is {entry.data_size} bytes, more than the "
+                              f"{limit}-byte limit", "key value", entry.data_offset)
+        return self.read_at(entry.data_offset, entry.data_size, f"value of {entry.path}")
+
+    def read_int(self, path: str) -> int | None:
+        entry = self.keys.get(path)
+        if entry is None:
+            return None
+        if entry.type not in (KEY_INT, KEY_UINT, KEY_BOOL):
+            raise self._error(f"{path} is a {entry.type_name}, expected an integer", "key value",
+                              entry.data_offset)
+        raw = self.read_bytes(entry, 8)
+        if entry.type == KEY_BOOL:
+            return int.from_bytes(raw[:4], "little", signed=True)
+        if len(raw) < 8:
+            raise self._error(f"{path}: integer value truncated", "key value", entry.data_offset)
+        return int.from_bytes(raw[:8], "little", signed=entry.type == KEY_INT)
+
+    def read_string(self, path: str) -> str | None:
+        entry = self.keys.get(path)
+        if entry is None:
+            return None
+        if entry.type != KEY_STRING:
+            raise self._error(f"{path} is a {entry.type_name}, expected a string", "key value",
+                              entry.data_offset)
+        return self.read_bytes(entry, 1 << 20).decode("utf-16-le", "replace").rstrip("\0")
+
+    def __enter__(self) -> HyperVStorage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,271 @@
+"""The VM view of a .vmrs file: memory ranges, RAM blocks and virtual-processor state.
+
+Built on :class:`~vm2core.reader.container.HyperVStorage`; knows the saved-state key schema
+(``vmrs-format.md`` §2, [FMT] Appendix A, [HVD] ``defs.rs``).  Everything downstream (guest
+analysis, layout, ELF) talks only to :class:`SavedState`, so another backend (Microsoft's DLL,
+the legacy .vsv + .bin pair) only has to offer the same few members.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+
+from vm2core.errors import FormatError, UnsupportedError
+from vm2core.reader.container import KEY_ARRAY, HyperVStorage, KeyEntry
+from vm2core.reader.cpu import VpState
+from vm2core.reader.memory import PAGE_SIZE, MemoryRange, NotInMemory, Piece
+from vm2core.reader.partition_state import PartitionState, parse_partition_state
+from vm2core.reader.ramblock import (
+    BLOCK_SIZE,
+    PAGES_PER_BLOCK,
+    decode_records,
+    materialize,
+    raw_block,
+    slice_pieces,
+    zero_block,
+)
+
+# [FMT] Appendix A: keys of VMs with version > 5.0.
+VM_VERSION_KEYS = ("/savedstate/VmVersion", "/configuration/properties/version")
+SAVED_STATE_TYPE_KEY = "/savedstate/type"
+PARTITION_STATE_KEY = "/savedstate/savedVM/partition_state"
+MEMORY_BLOCK_KEY = "/savedstate/RamMemoryBlock{}"
+RAM_BLOCK_KEY = "/savedstate/RamBlock{}"
+# [FMT] "Key Path Versioning": VMs <= 5.0 used other paths and (undocumented) layouts.
+LEGACY_VM_VERSION = 0x0500
+LEGACY_PARTITION_STATE_KEY = "/savedVM/partition_state"
+
+# [HVD] MemoryBlockSaveStruct (48 bytes, SavedStateVersion 3).
+MEMORY_BLOCK = struct.Struct("<IIQQQII Q")
+MEMORY_BLOCK_VERSION = 3
+MAX_RANGES = 4096
+MAX_GPA = 1 << 52                       # x86-64 architectural physical-address limit
+MAX_PARTITION_STATE = 256 << 20
+BLOCK_CACHE_SIZE = 8
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """Where one RamBlock's data lives and how it is encoded (known without decoding)."""
+
+    number: int
+    entry: KeyEntry | None
+
+    @property
+    def encoding(self) -> str:
+        if self.entry is None:
+            return "missing"
+        return "raw" if self.entry.data_size == BLOCK_SIZE else "records"
+
+    @property
+    def stored_size(self) -> int:
+        return 0 if self.entry is None else self.entry.data_size
+
+
+class SavedState:
+    """A Hyper-V saved state (.vmrs) opened for conversion."""
+
+    def __init__(self, container: HyperVStorage) -> None:
+        self.container = container
+        self.path = container.path
+        self.vm_version = self._vm_version()
+        self.saved_state_type = container.read_string(SAVED_STATE_TYPE_KEY)
+        self.partition = self._partition_state()
+        self.ranges = self._memory_ranges()
+        self._cache: OrderedDict[int, list[Piece]] = OrderedDict()
+
+    @classmethod
+    def open(cls, path: Path | str) -> SavedState:
+        container = HyperVStorage.open(path)
+        try:
+            return cls(container)
+        except BaseException:
+            container.close()
+            raise
+
+    def close(self) -> None:
+        self.container.close()
+
+    def __enter__(self) -> SavedState:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- metadata -------------------------------------------------------------------------
+
+    def _error(self, msg: str, structure: str, offset: int | None = None) -> FormatError:
+        return FormatError(msg, path=self.path, structure=structure, offset=offset)
+
+    def _vm_version(self) -> int:
+        for key in VM_VERSION_KEYS:
+            v = self.container.read_int(key)
+            if v is not None:
+                break
+        else:
+            if self.container.get(LEGACY_PARTITION_STATE_KEY) is not None:
+                v = LEGACY_VM_VERSION
+            else:
+                raise self._error("no /savedstate/VmVersion key: this HyperVStorage file is not a VM "
+                                  "saved state (a .vmcx configuration?); `vm2core inspect` lists its keys",
+                                  "key tree")
+        if v <= 0x0100:
+            raise UnsupportedError(f"VM version {v >> 8}.{v & 0xff} is too old to read",
+                                   path=self.path, structure="/savedstate/VmVersion")
+        if v <= LEGACY_VM_VERSION and self.container.get(PARTITION_STATE_KEY) is None:
+            raise UnsupportedError(
+                f"VM version {v >> 8}.{v & 0xff} uses the pre-2016 saved-state layout (/savedVM/..., "
+                "RamMemoryBlock/N/), which is not publicly documented; `vm2core inspect` lists its keys",
+                path=self.path, structure="key tree")
+        return v
+
+    @property
+    def dirty(self) -> bool:
+        """Uncommitted replay-log entries: the file body may not reflect the last save."""
+        rl = self.container.replay_log
+        return bool(rl and rl.dirty)
+
+    def _partition_state(self) -> PartitionState:
+        entry = self.container.require(PARTITION_STATE_KEY)
+        if entry.type != KEY_ARRAY:
+            raise self._error(f"{PARTITION_STATE_KEY} is a {entry.type_name}, expected an array", "key tree")
+        blob = self.container.read_bytes(entry, MAX_PARTITION_STATE)
+        state = parse_partition_state(blob, path=self.path, base_offset=entry.data_offset)
+        if not state.vtl0_vps():
+            raise self._error("no VTL0 register set for any virtual processor", PARTITION_STATE_KEY,
+                              entry.data_offset)
+        return state
+
+    @property
+    def architecture(self) -> str:
+        return self.partition.architecture
+
+    @property
+    def vps(self) -> list[VpState]:
+        """VTL0 register set of every VP, by VP index (= Linux CPU number, see elf-vmcore.md §10)."""
+        return self.partition.vtl0_vps()
+
+    def _memory_ranges(self) -> list[MemoryRange]:
+        ranges: list[MemoryRange] = []
+        for i in range(MAX_RANGES + 1):
+            entry = self.container.get(MEMORY_BLOCK_KEY.format(i))
+            if entry is None:
+                break
+            if i == MAX_RANGES:
+                raise self._error(f"more than {MAX_RANGES} RamMemoryBlock keys", "key tree")
+            name = MEMORY_BLOCK_KEY.format(i)
+            if entry.data_size < MEMORY_BLOCK.size:
+                raise self._error(f"{entry.data_size} bytes, expected {MEMORY_BLOCK.size}", name,
+                                  entry.data_offset)
+            raw = self.container.read_bytes(entry, 4096)
+            version, flags, pages, mbp, gpa_page, node, _pad, _ksr = MEMORY_BLOCK.unpack_from(raw)
+            if version != MEMORY_BLOCK_VERSION:
+                raise UnsupportedError(f"memory block save-state version {version} (only 3 is known)",
+                                       path=self.path, structure=name, offset=entry.data_offset)
+            if pages == 0:
+                continue
+            if (gpa_page + pages) * PAGE_SIZE > MAX_GPA or mbp + pages > MAX_GPA // PAGE_SIZE:
+                raise self._error(f"range of {pages} pages at GPA page {gpa_page:#x} (data page {mbp}) "
+                                  "is beyond any physical address", name, entry.data_offset)
+            ranges.append(MemoryRange(i, gpa_page * PAGE_SIZE, pages, mbp, node, flags))
+        if not ranges:
+            raise self._error("no /savedstate/RamMemoryBlock0 key: the saved state holds no RAM", "key tree")
+        ranges.sort(key=lambda r: r.gpa_start)
+        for a, b in pairwise(ranges):
+            if b.gpa_start < a.gpa_end:
+                raise self._error(f"memory ranges {a.index} and {b.index} overlap at GPA {b.gpa_start:#x}",
+                                  MEMORY_BLOCK_KEY.format(b.index))
+        by_data = sorted(ranges, key=lambda r: r.mbp_index_start)
+        for a, b in pairwise(by_data):
+            if b.mbp_index_start < a.mbp_index_start + a.page_count:
+                raise self._error(f"memory ranges {a.index} and {b.index} claim the same RAM data pages",
+                                  MEMORY_BLOCK_KEY.format(b.index))
+        return ranges
+
+    @property
+    def total_ram(self) -> int:
+        return sum(r.size for r in self.ranges)
+
+    # --- RAM blocks -----------------------------------------------------------------------
+
+    def block_info(self, number: int) -> BlockInfo:
+        entry = self.container.get(RAM_BLOCK_KEY.format(number))
+        if entry is not None:
+            if entry.type != KEY_ARRAY:
+                raise self._error(f"is a {entry.type_name}, expected an array", RAM_BLOCK_KEY.format(number))
+            if entry.data_size > BLOCK_SIZE:
+                raise self._error(f"{entry.data_size} bytes, more than 1 MiB", RAM_BLOCK_KEY.format(number),
+                                  entry.data_offset)
+        return BlockInfo(number, entry)
+
+    def blocks_of(self, r: MemoryRange) -> Iterator[tuple[BlockInfo, int, int]]:
+        """(block, first byte used, bytes used) for each data block of a range, in GPA order."""
+        first_page = r.mbp_index_start
+        end_page = first_page + r.page_count
+        block = first_page // PAGES_PER_BLOCK
+        while block * PAGES_PER_BLOCK < end_page:
+            lo = max(first_page, block * PAGES_PER_BLOCK)
+            hi = min(end_page, (block + 1) * PAGES_PER_BLOCK)
+            yield self.block_info(block), (lo - block * PAGES_PER_BLOCK) * PAGE_SIZE, (hi - lo) * PAGE_SIZE
+            block += 1
+
+    def read_block_bytes(self, info: BlockInfo) -> bytes:
+        assert info.entry is not None
+        return self.container.read_at(info.entry.data_offset, info.entry.data_size,
+                                      RAM_BLOCK_KEY.format(info.number))
+
+    def decode_block(self, info: BlockInfo, stored: bytes | None = None) -> list[Piece]:
+        """Pieces of one block (exactly 1 MiB).  ``stored`` may carry already-read record bytes."""
+        if info.entry is None:
+            return zero_block()
+        if info.entry.data_size == BLOCK_SIZE:
+            return raw_block(info.entry.data_offset)
+        data = stored if stored is not None else self.read_block_bytes(info)
+        return decode_records(data, name=RAM_BLOCK_KEY.format(info.number), file_offset=info.entry.data_offset)
+
+    def iter_range(self, r: MemoryRange) -> Iterator[Piece]:
+        """Every byte of a range as pieces, in GPA order (single-threaded reference path)."""
+        for info, start, length in self.blocks_of(r):
+            yield from slice_pieces(self.decode_block(info), start, length)
+
+    # --- random access (guest analysis) -----------------------------------------------------
+
+    def _cached_block(self, number: int) -> list[Piece]:
+        pieces = self._cache.get(number)
+        if pieces is None:
+            pieces = self.decode_block(self.block_info(number))
+            self._cache[number] = pieces
+            if len(self._cache) > BLOCK_CACHE_SIZE:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(number)
+        return pieces
+
+    def read_physical(self, gpa: int, length: int) -> bytes:
+        """Guest-physical read across pages and blocks; NotInMemory outside RAM."""
+        out = bytearray()
+        while length > 0:
+            r = self.range_of(gpa)
+            if r is None:
+                raise NotInMemory(gpa)
+            data_byte = r.mbp_index_start * PAGE_SIZE + (gpa - r.gpa_start)
+            block, in_block = divmod(data_byte, BLOCK_SIZE)
+            n = min(length, BLOCK_SIZE - in_block, r.gpa_end - gpa)
+            out += materialize(slice_pieces(self._cached_block(block), in_block, n), self._read_file)
+            gpa += n
+            length -= n
+        return bytes(out)
+
+    def range_of(self, gpa: int) -> MemoryRange | None:
+        for r in self.ranges:
+            if r.gpa_start <= gpa < r.gpa_end:
+                return r
+        return None
+
+    def _read_file(self, offset: int, length: int) -> bytes:
+        return self.container.read_at(offset, length, "RAM data")
