@@ -142,7 +142,8 @@ def convert(state: SavedState, sink: Sink, *, progress: Progress | None = None,
     else:
         selection, prescan = find_kernel(state, progress)
         note = selection.kernel.note if selection.kernel else None
-        layout = plan_core(loads, vps, vmcoreinfo_note=note, reserve_vmcoreinfo=False)
+        # Same room as on a seekable sink, so a pipe and a file get byte-identical cores.
+        layout = plan_core(loads, vps, vmcoreinfo_note=note, reserve_vmcoreinfo=True)
         sink.write(layout.header())
         _stream_memory(state, sink, layout, progress, None)
     if sink.position != layout.total_size:
