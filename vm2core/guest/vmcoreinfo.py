@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ..reader.cpu import VpState
-from ..reader.memory import NotInMemory, PhysicalMemory
+from ..reader.memory import PAGE_SIZE, NotInMemory, PhysicalMemory
 from .paging import AddressSpace, TranslationError
 
 # --- The note as the kernel builds it (linux kernel/vmcore_info.c: update_vmcoreinfo_note) ------------------
@@ -311,7 +311,7 @@ def _address_spaces(memory: PhysicalMemory, vps: Sequence[VpState]) -> list[tupl
 
 def _unique_notes(candidates: Sequence[NoteCandidate], memory: PhysicalMemory,
                   reasons: list[str]) -> list[tuple[int, bytes, int]]:
-    """(first gpa, complete note bytes, copy count) per distinct note, in GPA order."""
+    """(representative gpa, complete note bytes, copy count) per distinct note, in GPA order."""
     by_bytes: dict[bytes, list[int]] = {}
     for candidate in sorted(candidates, key=lambda c: c.gpa):
         data = candidate.data[:candidate.size]
@@ -323,7 +323,9 @@ def _unique_notes(candidates: Sequence[NoteCandidate], memory: PhysicalMemory,
                                "runs past the end of guest RAM")
                 continue
         by_bytes.setdefault(bytes(data), []).append(candidate.gpa)
-    notes = [(gpas[0], data, len(gpas)) for data, gpas in by_bytes.items()]
+    # Report identical copies under the page-aligned one: that is where the kernel allocates its note.
+    notes = [(min(gpas, key=lambda gpa: (gpa % PAGE_SIZE != 0, gpa)), data, len(gpas))
+             for data, gpas in by_bytes.items()]
     return sorted(notes)
 
 
