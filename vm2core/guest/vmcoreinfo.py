@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ..reader.cpu import VpState
-from ..reader.memory import PAGE_SIZE, NotInMemory, PhysicalMemory
+from ..reader.memory import PAGE_SIZE, MemoryRange, NotInMemory, PhysicalMemory
 from .paging import AddressSpace, TranslationError
 
 # --- The note as the kernel builds it (linux kernel/vmcore_info.c: update_vmcoreinfo_note) ------------------
@@ -29,6 +29,7 @@ MIN_DESC_SIZE = len(DESC_PREFIX)
 MAX_DESC_SIZE = 4096                       # VMCOREINFO_BYTES = PAGE_SIZE on x86-64
 NOTE_ALIGNMENT = 4                         # notes are u32 arrays; the live one is even page aligned
 SIGNATURE_LENGTH = DESC_OFFSET + len(DESC_PREFIX)  # bytes needed to recognise a note (34)
+SCAN_BLOCK_SIZE = 1 << 20                  # a RamBlock: the unit readers stream memory in
 MAX_CANDIDATES = 1024                      # bound on memory kept for hostile RAM full of signatures
 
 # --- x86-64 kernel facts --------------------------------------------------------------------------------
@@ -177,6 +178,16 @@ def scan(chunks: Iterable[tuple[int, bytes | bytearray | memoryview]]) -> Vmcore
     return scanner
 
 
+def scan_memory(memory: PhysicalMemory, ranges: Iterable[MemoryRange],
+                block_size: int = SCAN_BLOCK_SIZE) -> VmcoreinfoScanner:
+    """Pre-pass over RAM through random access: read every range in ``block_size`` pieces."""
+    scanner = VmcoreinfoScanner()
+    for ram in ranges:
+        for gpa in range(ram.gpa_start, ram.gpa_end, block_size):
+            scanner.feed(gpa, memory.read_physical(gpa, min(block_size, ram.gpa_end - gpa)))
+    return scanner
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Parsing
 # ---------------------------------------------------------------------------------------------------------
@@ -236,7 +247,7 @@ class GuestKernel:
     pagesize: int
     note_gpa: int
     note: bytes                    # the complete ELF note, ready for a PT_NOTE (4-byte padded)
-    vmcoreinfo: dict[str, str] = field(default_factory=dict)
+    vmcoreinfo: dict[str, str] = field(default_factory=dict, hash=False)   # every KEY=VALUE line
     caveats: tuple[str, ...] = ()  # what could not be checked or had to be derived, and why
     copies: int = 1                # identical copies of the note found in RAM
 
@@ -285,7 +296,7 @@ def select_kernel(candidates: Sequence[NoteCandidate], memory: PhysicalMemory, v
         return Selection(None, reasons)
     best = max(v.checks_passed for v in verdicts)
     winners = [v for v in verdicts if v.checks_passed == best]
-    chosen = min(winners, key=lambda v: v.kernel.note_gpa)
+    chosen = min(winners, key=lambda v: _placement_rank(v.kernel.note_gpa))
     for other in winners:
         if other is not chosen:
             reasons.append(f"VMCOREINFO note at {other.kernel.note_gpa:#x} also passed validation; "
@@ -295,6 +306,11 @@ def select_kernel(candidates: Sequence[NoteCandidate], memory: PhysicalMemory, v
             reasons.append(f"VMCOREINFO note at {other.kernel.note_gpa:#x}: passed fewer checks "
                            f"({other.checks_passed}) than the one at {chosen.kernel.note_gpa:#x} ({best})")
     return Selection(chosen.kernel, reasons)
+
+
+def _placement_rank(gpa: int) -> tuple[bool, int]:
+    """Page-aligned first (the kernel's own note comes from alloc_pages_exact), then lowest GPA."""
+    return (gpa % PAGE_SIZE != 0, gpa)
 
 
 def _address_spaces(memory: PhysicalMemory, vps: Sequence[VpState]) -> list[tuple[int, AddressSpace]]:
@@ -324,7 +340,7 @@ def _unique_notes(candidates: Sequence[NoteCandidate], memory: PhysicalMemory,
                 continue
         by_bytes.setdefault(bytes(data), []).append(candidate.gpa)
     # Report identical copies under the page-aligned one: that is where the kernel allocates its note.
-    notes = [(min(gpas, key=lambda gpa: (gpa % PAGE_SIZE != 0, gpa)), data, len(gpas))
+    notes = [(min(gpas, key=_placement_rank), data, len(gpas))
              for data, gpas in by_bytes.items()]
     return sorted(notes)
 
