@@ -127,24 +127,30 @@ class SftpSink(Sink):
     def _cleanup(self) -> str:
         """Close, remove the partial file, disconnect; say what was left behind."""
         self._done = True
-        where = f"{self.settings.display}:{self.partial_path}"
+        where = f"{self.settings.location(self.partial_path)}"
         if self._file is not None:
             with contextlib.suppress(Exception):  # the step that failed already said why
                 self._file.close()
             self._file = None
-        if not self._transport.is_active():
-            left = f"{where} may remain on the server"
-        else:
-            with contextlib.suppress(Exception):
+        left = f"{where} may remain on the server"
+        if self._connected():
+            try:
                 self._sftp.remove(self.partial_path)
-            left = f"could not remove {where}" if _exists(self._sftp, self.partial_path) else \
-                "partial file removed"
+                left = "partial file removed"
+            except FileNotFoundError:
+                left = "no partial file left"
+            except Exception as exc:
+                if self._connected():
+                    left = f"could not remove {where}: {_reason(exc)}"
         self._close_connection()
         return left
 
+    def _connected(self) -> bool:
+        return self._transport.is_active() and not self._sftp.get_channel().closed
+
     @property
     def description(self) -> str:
-        return f"{self.settings.display}:{self.path}"
+        return f"{self.settings.location(self.path)}"
 
     def remote_hint(self, vmlinux: str | None = None, compressed: bool | None = None) -> str:
         """The command that opens the uploaded core on the remote machine, ready to paste."""
@@ -164,7 +170,7 @@ class SftpSink(Sink):
     # --- steps ---------------------------------------------------------------------------
 
     def _create_partial(self) -> paramiko.SFTPFile:
-        where = f"{self.settings.display}:{self.path}"
+        where = f"{self.settings.location(self.path)}"
         try:
             existing = self._sftp.stat(self.path)
         except FileNotFoundError:
@@ -179,7 +185,7 @@ class SftpSink(Sink):
         try:
             remote = self._sftp.open(self.partial_path, "wb", bufsize=0)
         except OSError as exc:
-            raise OutputError(f"cannot create {self.settings.display}:{self.partial_path}: "
+            raise OutputError(f"cannot create {self.settings.location(self.partial_path)}: "
                               f"{_reason(exc)}") from exc
         with contextlib.suppress(OSError):  # some servers (Windows) have no modes; uploads still work
             remote.chmod(0o600)
@@ -222,7 +228,7 @@ class SftpSink(Sink):
         except Exception as exc:
             raise self._failure("size check", exc) from exc
         if size != self.position:
-            raise self._reject(f"{self.settings.display}:{self.partial_path} holds {size} bytes but "
+            raise self._reject(f"{self.settings.location(self.partial_path)} holds {size} bytes but "
                                f"{self.position} were sent: upload incomplete")
 
     def _verify(self) -> None:
@@ -235,7 +241,7 @@ class SftpSink(Sink):
             return
         if remote != self.sha256:
             self.verified = False
-            raise self._reject(f"remote SHA-256 of {self.settings.display}:{self.partial_path} is {remote}, "
+            raise self._reject(f"remote SHA-256 of {self.settings.location(self.partial_path)} is {remote}, "
                                f"but the bytes sent hash to {self.sha256}: upload corrupted")
         self.verified = True
         self.notes.append(f"remote SHA-256 matches: {self.sha256}")
@@ -256,14 +262,14 @@ class SftpSink(Sink):
                 self._sftp.rename(self.partial_path, self.path)
         except Exception as exc:
             if not self.force and _exists(self._sftp, self.path):
-                raise self._reject(f"{self.settings.display}:{self.path} appeared during the upload and "
+                raise self._reject(f"{self.settings.location(self.path)} appeared during the upload and "
                                    f"was not replaced (use --force)") from exc
             raise self._failure("rename to the final name", exc) from exc
 
     def _failure(self, step: str, exc: BaseException) -> OutputError:
         """One line for a failed step, after removing the partial file when still possible."""
-        where = f"{self.settings.display}:{self.partial_path}"
-        if not self._transport.is_active():
+        where = f"{self.settings.location(self.partial_path)}"
+        if isinstance(exc, _CONNECTION_ERRORS) or not self._connected():
             left = self._cleanup()
             return OutputError(f"connection to {self.settings.display} lost during {step} after "
                                f"{self.position} bytes ({_reason(exc)}); {left}")
@@ -397,18 +403,25 @@ def _candidate_keys(s: SshSettings, prompt: PasswordPrompt | None,
 def _load_key(path: Path, prompt: PasswordPrompt | None, problems: list[str]) -> paramiko.PKey | None:
     try:
         return paramiko.PKey.from_path(path)
-    except paramiko.PasswordRequiredException:
-        passphrase = prompt(f"Enter passphrase for key '{path}': ") if prompt else None
-        if passphrase is None:
-            problems.append(f"key {path} needs a passphrase and none can be asked (stdin is not a terminal)")
-            return None
-        try:
-            return paramiko.PKey.from_path(path, passphrase=passphrase)
-        except Exception as exc:
-            problems.append(f"cannot unlock key {path}: {_reason(exc)}")
     except Exception as exc:
-        problems.append(f"cannot load key {path}: {_reason(exc)}")
+        if not _needs_passphrase(exc):
+            problems.append(f"cannot load key {path}: {_reason(exc)}")
+            return None
+    passphrase = prompt(f"Enter passphrase for key '{path}': ") if prompt else None
+    if passphrase is None:
+        problems.append(f"key {path} needs a passphrase and none can be asked (stdin is not a terminal)")
+        return None
+    try:
+        return paramiko.PKey.from_path(path, password=passphrase.encode("utf-8"))
+    except Exception as exc:
+        problems.append(f"cannot unlock key {path}: {_reason(exc)}")
     return None
+
+
+def _needs_passphrase(exc: Exception) -> bool:
+    """paramiko says so with PasswordRequiredException or (new OpenSSH format) a TypeError."""
+    return isinstance(exc, paramiko.PasswordRequiredException) or (
+        isinstance(exc, TypeError) and "password" in str(exc).lower())
 
 
 def _open_sftp(t: paramiko.Transport, s: SshSettings) -> paramiko.SFTPClient:
@@ -456,6 +469,10 @@ def _remote_sha256(t: paramiko.Transport, path: str, size: int) -> str | _Unavai
     return digest
 
 
+#: Exceptions that mean the connection itself failed (SFTP status errors are plain OSError).
+_CONNECTION_ERRORS = (EOFError, paramiko.SSHException, socket.timeout)
+
+
 def _exists(sftp: paramiko.SFTPClient, path: str) -> bool:
     try:
         sftp.stat(path)
@@ -468,6 +485,8 @@ def _reason(exc: BaseException) -> str:
     """The most useful short text of an exception from socket, paramiko or SFTP."""
     if isinstance(exc, socket.timeout):
         return "timed out"
+    if isinstance(exc, EOFError):
+        return "connection closed by the server"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     text = str(exc).strip()

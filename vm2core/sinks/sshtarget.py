@@ -181,6 +181,10 @@ class SshSettings:
         name = self.host_key_alias or self.hostname
         return name if self.port == DEFAULT_PORT else f"[{name}]:{self.port}"
 
+    def location(self, path: str) -> str:
+        """``user@host:path``, for messages about a remote file."""
+        return f"{self.user}@{self.hostname}:{path}"
+
     @property
     def display(self) -> str:
         """``user@host`` (plus port when not 22), for messages."""

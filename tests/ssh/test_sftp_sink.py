@@ -1,0 +1,250 @@
+"""SftpSink against a real OpenSSH server (see conftest.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import ClientHome, SshServer
+
+from vm2core.errors import OutputError
+from vm2core.sinks.sftp import SftpSink
+from vm2core.sinks.zstd import ZstdSink
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "geteuid"), reason="needs a POSIX sshd")
+
+
+def sample(size: int = 3 << 20, seed: int = 1) -> bytes:
+    """Incompressible and compressible parts, odd length, so slicing mistakes show."""
+    import random
+    rng = random.Random(seed)
+    text = b"".join(b"line %d of a kernel log\n" % i for i in range(size // 64))
+    return (rng.randbytes(size // 2) + text)[:size] + b"tail"
+
+
+def stream(sink: SftpSink | ZstdSink, data: bytes, zeros: int = 0) -> bytes:
+    """Feed data in uneven pieces (plus zeros); returns exactly the bytes sent."""
+    view = memoryview(data)
+    pieces = [1, 4095, 70000, 1 << 20, 3 << 20]
+    offset = index = 0
+    while offset < len(view):
+        n = pieces[index % len(pieces)]
+        sink.write(view[offset:offset + n])
+        offset += n
+        index += 1
+    sink.write_zeros(zeros)
+    return data + bytes(zeros)
+
+
+def test_upload_is_byte_identical(client_home: ClientHome, remote_dir: Path) -> None:
+    final = remote_dir / "x.core"
+    sink = SftpSink(f"testbox:{final}")
+    sent = stream(sink, sample(), zeros=5 << 20)
+    assert sink.position == len(sent)
+    sink.commit()
+    assert final.read_bytes() == sent
+    assert not Path(str(final) + ".partial").exists()
+    assert stat.S_IMODE(final.stat().st_mode) == 0o600
+
+
+def test_uri_form_and_options(sshd: SshServer, client_home: ClientHome, remote_dir: Path) -> None:
+    client_home.config.unlink()  # only the URI and the options say where to go
+    final = remote_dir / "y.core"
+    sink = SftpSink(f"ssh://{sshd.user}@127.0.0.1:{sshd.port}{final}",
+                    options={"identityfile": str(sshd.user_key), "identitiesonly": "yes"})
+    sent = stream(sink, sample(1 << 20))
+    sink.commit()
+    assert final.read_bytes() == sent
+
+
+def test_zstd_over_sftp_decompresses_with_zstd_cli(client_home: ClientHome, remote_dir: Path) -> None:
+    final = remote_dir / "x.core.zst"
+    sink = ZstdSink(SftpSink(f"testbox:{final}"))
+    sent = stream(sink, sample(), zeros=9 << 20)
+    sink.commit()
+    plain = subprocess.run(["zstd", "-d", "-c", str(final)], check=True, capture_output=True).stdout
+    assert plain == sent
+
+
+def test_unknown_host_key_is_rejected_with_fingerprint(sshd: SshServer, client_home: ClientHome,
+                                                       remote_dir: Path) -> None:
+    client_home.known_hosts.write_text("")
+    with pytest.raises(OutputError) as error:
+        SftpSink(f"testbox:{remote_dir / 'x.core'}")
+    message = str(error.value)
+    assert sshd.fingerprint() in message
+    assert "not in known_hosts" in message and "\n" not in message
+    assert list(remote_dir.iterdir()) == []
+
+
+def test_accept_new_records_the_key(sshd: SshServer, client_home: ClientHome, remote_dir: Path) -> None:
+    client_home.known_hosts.unlink()
+    sink = SftpSink(f"testbox:{remote_dir / 'x.core'}", accept_new=True)
+    sink.write(b"abc")
+    sink.commit()
+    assert any(sshd.fingerprint() in note for note in sink.notes)
+    # OpenSSH itself must find the recorded key (hashed or not).
+    found = subprocess.run(["ssh-keygen", "-F", sshd.host_key_name, "-f", str(client_home.known_hosts)],
+                           capture_output=True, text=True)
+    assert found.returncode == 0, found.stdout + found.stderr
+    # Now known: a strict connection works.
+    again = SftpSink(f"testbox:{remote_dir / 'y.core'}")
+    again.write(b"def")
+    again.commit()
+    assert again.notes == []
+
+
+def test_changed_host_key_is_rejected_even_with_accept_new(sshd: SshServer, client_home: ClientHome,
+                                                           remote_dir: Path, tmp_path: Path) -> None:
+    impostor = tmp_path / "impostor"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(impostor)], check=True)
+    kind, blob = impostor.with_suffix(".pub").read_text().split()[:2]
+    client_home.known_hosts.write_text(f"{sshd.host_key_name} {kind} {blob}\n")
+    with pytest.raises(OutputError) as error:
+        SftpSink(f"testbox:{remote_dir / 'x.core'}", accept_new=True)
+    assert "CHANGED" in str(error.value)
+    assert sshd.fingerprint() in str(error.value)
+    assert client_home.known_hosts.read_text() == f"{sshd.host_key_name} {kind} {blob}\n"
+    assert list(remote_dir.iterdir()) == []
+
+
+def test_existing_remote_file_is_kept_without_force(client_home: ClientHome, remote_dir: Path) -> None:
+    final = remote_dir / "x.core"
+    final.write_bytes(b"precious")
+    with pytest.raises(OutputError, match="already exists"):
+        SftpSink(f"testbox:{final}")
+    assert final.read_bytes() == b"precious"
+    sink = SftpSink(f"testbox:{final}", force=True)
+    sent = stream(sink, sample(1 << 20))
+    sink.commit()
+    assert final.read_bytes() == sent
+
+
+def test_file_appearing_during_upload_is_not_replaced(client_home: ClientHome, remote_dir: Path) -> None:
+    final = remote_dir / "x.core"
+    sink = SftpSink(f"testbox:{final}")
+    sink.write(b"new")
+    final.write_bytes(b"someone else's")
+    with pytest.raises(OutputError, match="appeared during the upload"):
+        sink.commit()
+    assert final.read_bytes() == b"someone else's"
+    assert not Path(str(final) + ".partial").exists()
+
+
+def test_abort_removes_the_partial_file(client_home: ClientHome, remote_dir: Path) -> None:
+    final = remote_dir / "x.core"
+    sink = SftpSink(f"testbox:{final}")
+    stream(sink, sample(1 << 20))
+    assert Path(str(final) + ".partial").exists()
+    sink.abort()
+    assert list(remote_dir.iterdir()) == []
+
+
+def test_server_killed_mid_upload(sshd: SshServer, client_home: ClientHome, remote_dir: Path) -> None:
+    final = remote_dir / "x.core"
+    sink = SftpSink(f"testbox:{final}")
+    chunk = os.urandom(1 << 20)
+    for _ in range(8):
+        sink.write(chunk)
+    pids = sshd.connection_pids()
+    assert pids, "the connection's sshd processes should be visible"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(OutputError) as error:
+        for _ in range(512):
+            sink.write(chunk)
+        sink.commit()
+    message = str(error.value)
+    assert "lost" in message and "x.core.partial" in message and "\n" not in message
+    assert not final.exists()
+    sink.abort()  # safe after a failure
+
+
+def test_config_alias_is_needed_and_honoured(client_home: ClientHome, remote_dir: Path) -> None:
+    client_home.config.write_text(client_home.config.read_text().replace("Host testbox", "Host otherbox"))
+    with pytest.raises(OutputError, match="testbox"):
+        SftpSink(f"testbox:{remote_dir / 'x.core'}")
+    sink = SftpSink(f"otherbox:{remote_dir / 'x.core'}")
+    sink.write(b"via alias")
+    sink.commit()
+    assert (remote_dir / "x.core").read_bytes() == b"via alias"
+
+
+def test_verify_reports_the_digest(client_home: ClientHome, remote_dir: Path) -> None:
+    final = remote_dir / "x.core"
+    sink = SftpSink(f"testbox:{final}", verify=True)
+    sent = stream(sink, sample(), zeros=1 << 20)
+    sink.commit()
+    assert sink.verified is True
+    assert sink.sha256 == hashlib.sha256(sent).hexdigest() == hashlib.sha256(final.read_bytes()).hexdigest()
+    assert any(sink.sha256 in note for note in sink.notes)
+
+
+def test_verify_without_sha256sum_says_so(sshd: SshServer, client_home: ClientHome, remote_dir: Path) -> None:
+    final = remote_dir / "x.core"
+    sink = SftpSink(f"testbox:{final}", verify=True, options={"IdentityFile": str(sshd.nosum_key)})
+    sent = stream(sink, sample(1 << 20))
+    sink.commit()
+    assert sink.verified is None
+    assert any("sha256sum is not available" in note for note in sink.notes), sink.notes
+    assert final.read_bytes() == sent
+
+
+def test_verify_detects_a_mismatch(sshd: SshServer, client_home: ClientHome, remote_dir: Path) -> None:
+    final = remote_dir / "x.core"
+    sink = SftpSink(f"testbox:{final}", verify=True, options={"IdentityFile": str(sshd.fakesum_key)})
+    stream(sink, sample(1 << 20))
+    with pytest.raises(OutputError, match="corrupted"):
+        sink.commit()
+    assert sink.verified is False
+    assert list(remote_dir.iterdir()) == []
+
+
+def test_encrypted_key_needs_a_prompt(sshd: SshServer, client_home: ClientHome, remote_dir: Path,
+                                      tmp_path: Path) -> None:
+    locked = tmp_path / "id_locked"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "s3cret", "-f", str(locked)], check=True)
+    authorized = sshd.root / "authorized_keys"
+    original = authorized.read_text()
+    authorized.write_text(original + locked.with_suffix(".pub").read_text())
+    try:
+        # IdentityFile accumulates (as in OpenSSH): drop the config's working key.
+        config = client_home.config.read_text()
+        client_home.config.write_text(config.replace(f"IdentityFile {sshd.user_key}", ""))
+        options = {"IdentityFile": str(locked)}
+        with pytest.raises(OutputError, match="passphrase"):
+            SftpSink(f"testbox:{remote_dir / 'x.core'}", options=options, password_prompt=None)
+        asked: list[str] = []
+
+        def prompt(text: str) -> str:
+            asked.append(text)
+            return "s3cret"
+        sink = SftpSink(f"testbox:{remote_dir / 'x.core'}", options=options, password_prompt=prompt)
+        sink.write(b"unlocked")
+        sink.commit()
+        assert len(asked) == 1 and str(locked) in asked[0]
+    finally:
+        authorized.write_text(original)
+
+
+def test_refused_connection_is_one_clear_line(client_home: ClientHome, remote_dir: Path) -> None:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(OutputError, match=f"cannot connect to 127.0.0.1 port {port}"):
+        SftpSink(f"ssh://127.0.0.1:{port}{remote_dir / 'x.core'}")
+
+
+def test_remote_hint_names_the_uploaded_file(client_home: ClientHome, remote_dir: Path) -> None:
+    sink = SftpSink(f"testbox:{remote_dir / 'x.core.zst'}")
+    sink.abort()
+    hint = sink.remote_hint(vmlinux="/usr/lib/debug/vmlinux")
+    assert hint.startswith("ssh -t testbox ")
+    assert f"zstd -d {remote_dir / 'x.core.zst'} -o {remote_dir / 'x.core'}" in hint
+    assert f"crash /usr/lib/debug/vmlinux {remote_dir / 'x.core'}" in hint
