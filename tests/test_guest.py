@@ -124,6 +124,9 @@ def test_candidate_cap_counts_dropped(guest):
     for copy in range(5):
         scanner.feed(start + copy * 16 * PAGE, region)
     assert len(scanner.candidates) == 2 and scanner.dropped == 3
+    selection = select_kernel(scanner.candidates, guest.memory, guest.vps, dropped=scanner.dropped)
+    assert selection.kernel is not None and selection.kernel.copies == 2
+    assert selection.reasons == ["3 further VMCOREINFO-like notes were not examined (more than 2 in guest RAM)"]
 
 
 def test_scanner_throughput_on_1_gib():

@@ -271,17 +271,21 @@ class _Verdict:
 
 
 def select_kernel(candidates: Sequence[NoteCandidate], memory: PhysicalMemory, vps: Sequence[VpState],
-                  *, scanned_bytes: int | None = None) -> Selection:
+                  *, scanned_bytes: int | None = None, dropped: int = 0) -> Selection:
     """Pick the note of the live kernel among ``candidates`` (elf-vmcore.md section 5).
 
     A candidate is refused when it lacks required keys, contains CRASHTIME, or contradicts the
     snapshot: its ``SYMBOL(_stext)`` must translate through some vCPU's page tables to
     ``_stext - __START_KERNEL_map + phys_base``, and ``init_uts_ns`` must hold its OSRELEASE.
+    ``scanned_bytes`` and ``dropped`` (from the scanner) only enrich the reasons.
     """
     if not candidates:
         where = f"{scanned_bytes} bytes of " if scanned_bytes is not None else ""
         return Selection(None, [f"no VMCOREINFO note found in {where}guest RAM"])
     reasons: list[str] = []
+    if dropped:
+        reasons.append(f"{dropped} further VMCOREINFO-like notes were not examined "
+                       f"(more than {len(candidates)} in guest RAM)")
     spaces = _address_spaces(memory, vps)
     verdicts: list[_Verdict] = []
     for gpa, note, copies in _unique_notes(candidates, memory, reasons):
