@@ -10,8 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ClientHome, SshServer
 
+from tests.ssh.conftest import ClientHome, SshServer
 from vm2core.errors import OutputError
 from vm2core.sinks.sftp import SftpSink
 from vm2core.sinks.zstd import ZstdSink

@@ -1,0 +1,91 @@
+"""Target, option and ssh_config resolution (no server needed)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from vm2core.errors import OutputError
+from vm2core.sinks.sshtarget import (
+    KnownHosts,
+    SshTarget,
+    fingerprint,
+    parse_ssh_options,
+    parse_target,
+    resolve,
+)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("box:/cores/x.core", SshTarget("box", "/cores/x.core")),
+    ("me@box:x.core", SshTarget("box", "x.core", user="me")),
+    ("me@box:/a@b:c", SshTarget("box", "/a@b:c", user="me")),
+    ("me@[::1]:/x", SshTarget("::1", "/x", user="me")),
+    ("ssh://me@box:2222/cores/x.core", SshTarget("box", "/cores/x.core", user="me", port=2222)),
+    ("ssh://box/x", SshTarget("box", "/x")),
+    ("ssh://[fe80::1]:22/x", SshTarget("fe80::1", "/x", port=22)),
+])
+def test_parse_target(text: str, expected: SshTarget) -> None:
+    assert parse_target(text) == expected
+
+
+@pytest.mark.parametrize("text", ["box", "box:", ":/x", "@box:/x", "ssh://box", "ssh://box:99999/x",
+                                  "ssh://box:port/x", "[::1/x"])
+def test_bad_targets_are_output_errors(text: str) -> None:
+    with pytest.raises(OutputError):
+        parse_target(text)
+
+
+def test_options_like_ssh_o() -> None:
+    assert parse_ssh_options(["Port=2200", "user bob", "PORT=1"]) == {"port": "2200", "user": "bob"}
+    with pytest.raises(OutputError, match="unsupported"):
+        parse_ssh_options(["Ciphers=none"])
+    with pytest.raises(OutputError):
+        parse_ssh_options(["Port="])
+
+
+def test_resolution_order(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text("Host alias\n  HostName real.example\n  Port 2022\n  User carol\n"
+                      "  IdentityFile ~/.ssh/special\n  UserKnownHostsFile ~/kh1 ~/kh2\n"
+                      "Host *\n  Port 9999\n  StrictHostKeyChecking accept-new\n")
+    s = resolve(parse_target("alias:/x"), config_files=[config])
+    assert (s.hostname, s.port, s.user) == ("real.example", 2022, "carol")
+    assert s.identity_files == [Path("~/.ssh/special").expanduser()]
+    assert s.user_known_hosts == [Path("~/kh1").expanduser(), Path("~/kh2").expanduser()]
+    assert s.strict_host_key_checking == "accept-new"
+    assert s.host_key_name == "[real.example]:2022"
+    # options beat the config; the target beats the options
+    s = resolve(parse_target("dave@alias:/x"), {"port": "2100", "user": "erin"}, config_files=[config])
+    assert (s.port, s.user) == (2100, "dave")
+    s = resolve(parse_target("ssh://alias:2300/x"), {"port": "2100"}, config_files=[config])
+    assert s.port == 2300
+    # unknown host: defaults, strict unless accept_new
+    s = resolve(parse_target("other:/x"), config_files=[tmp_path / "config"])
+    assert s.port == 9999 and s.strict_host_key_checking == "accept-new"
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    s = resolve(parse_target("other:/x"), config_files=[empty])
+    assert (s.hostname, s.port, s.strict_host_key_checking) == ("other", 22, "yes")
+    assert resolve(parse_target("other:/x"), accept_new=True,
+                   config_files=[empty]).strict_host_key_checking == "accept-new"
+
+
+def test_known_hosts_policy(tmp_path: Path) -> None:
+    key = paramiko.ECDSAKey.generate()
+    empty = tmp_path / "empty"
+    empty.write_text(f"UserKnownHostsFile {tmp_path / 'kh'}\nGlobalKnownHostsFile none\n")
+    settings = resolve(parse_target("ssh://h:2022/x"), config_files=[empty])
+    with pytest.raises(OutputError, match=re.escape(fingerprint(key))):
+        KnownHosts(settings).check(key)
+    settings.strict_host_key_checking = "accept-new"
+    note = KnownHosts(settings).check(key)
+    assert note and fingerprint(key) in note
+    assert KnownHosts(settings).check(key) is None  # now recorded in the file
+    with pytest.raises(OutputError, match="HAS CHANGED"):
+        KnownHosts(settings).check(paramiko.ECDSAKey.generate())
+    with pytest.raises(OutputError, match="does not match"):
+        KnownHosts(settings).check(paramiko.RSAKey.generate(2048))
