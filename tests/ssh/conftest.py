@@ -87,13 +87,17 @@ def _ensure_sshd() -> None:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     if not SSHD.exists():
-        pytest.skip("OpenSSH server (/usr/sbin/sshd) is not installed")
+        raise SshdUnavailable("OpenSSH server (/usr/sbin/sshd) is not installed")
 
 
-@pytest.fixture(scope="session")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+class SshdUnavailable(RuntimeError):
+    """No OpenSSH server binary, and it could not be installed."""
+
+
+@contextlib.contextmanager
+def running_sshd(root: Path) -> Iterator[SshServer]:
+    """Start a loopback-only sshd configured from files under ``root``; stop it by pid."""
     _ensure_sshd()
-    root = tmp_path_factory.mktemp("sshd")
     host_key = _keygen(root / "ssh_host_ed25519_key")
     user_key = _keygen(root / "id_user")
     nosum_key = _keygen(root / "id_nosum")
@@ -137,11 +141,11 @@ LogLevel VERBOSE
         deadline = time.monotonic() + 15
         while True:
             if process.poll() is not None:
-                pytest.fail(f"sshd exited with {process.returncode}: {log.read_text()}")
+                raise RuntimeError(f"sshd exited with {process.returncode}: {log.read_text()}")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
                 break
             if time.monotonic() > deadline:
-                pytest.fail(f"sshd did not start listening: {log.read_text()}")
+                raise RuntimeError(f"sshd did not start listening: {log.read_text()}")
             time.sleep(0.05)
         yield server
     finally:
@@ -151,6 +155,32 @@ LogLevel VERBOSE
         except subprocess.TimeoutExpired:
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def write_client_config(home: Path, server: SshServer, alias: str = "testbox") -> Path:
+    """``HOME/.ssh/config`` naming the server ``alias``, and a known_hosts that trusts it."""
+    ssh_dir = home / ".ssh"
+    ssh_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
+    (ssh_dir / "known_hosts").write_text(server.known_hosts_line())
+    config = ssh_dir / "config"
+    config.write_text(f"""\
+Host {alias}
+    HostName 127.0.0.1
+    Port {server.port}
+    User {server.user}
+    IdentityFile {server.user_key}
+    IdentitiesOnly yes
+""")
+    return config
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+    try:
+        with running_sshd(tmp_path_factory.mktemp("sshd")) as server:
+            yield server
+    except SshdUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 @dataclass
@@ -165,22 +195,10 @@ class ClientHome:
 def client_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sshd: SshServer) -> ClientHome:
     """A temporary HOME whose ~/.ssh/config defines host ``testbox`` and trusts the server."""
     home = tmp_path / "home"
-    ssh_dir = home / ".ssh"
-    ssh_dir.mkdir(parents=True, mode=0o700)
-    known_hosts = ssh_dir / "known_hosts"
-    known_hosts.write_text(sshd.known_hosts_line())
-    config = ssh_dir / "config"
-    config.write_text(f"""\
-Host testbox
-    HostName 127.0.0.1
-    Port {sshd.port}
-    User {sshd.user}
-    IdentityFile {sshd.user_key}
-    IdentitiesOnly yes
-""")
+    config = write_client_config(home, sshd)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-    return ClientHome(home, ssh_dir, known_hosts, config)
+    return ClientHome(home, home / ".ssh", home / ".ssh" / "known_hosts", config)
 
 
 @pytest.fixture
