@@ -15,7 +15,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from vm2core.errors import FormatError, UnsupportedError
 
@@ -93,6 +93,18 @@ class ReplayLog:
     def dirty(self) -> bool:
         """A non-zero entry count means changes were never committed into the file body."""
         return self.signature_ok and self.entry_count > 0
+
+
+class _RawKey(NamedTuple):
+    """A key table entry before its path is known (parents may live in later tables)."""
+
+    type: int
+    flags: int
+    name: str
+    data_offset: int
+    data_size: int
+    in_file_object: bool
+    parent: tuple[int, int]
 
 
 @dataclass
@@ -264,7 +276,7 @@ class HyperVStorage:
                 self.stale_key_tables += 1
         self.key_tables_used = len(current)
 
-        raw_entries: dict[tuple[int, int], tuple[int, int, str, int, int, int, bool, tuple[int, int]]] = {}
+        raw_entries: dict[tuple[int, int], _RawKey] = {}
         for index, (_seq, obj, data) in current.items():
             self._parse_key_table(index, obj, data, raw_entries)
 
@@ -277,29 +289,28 @@ class HyperVStorage:
             entry = raw_entries.get(loc)
             if entry is None or depth > MAX_KEY_DEPTH:
                 return None
-            parent = entry[7]
-            parent_path = resolve(parent, depth + 1)
+            parent_path = resolve(entry.parent, depth + 1)
             if parent_path is None:
                 return None
-            path = f"{parent_path}/{entry[2]}"
+            path = f"{parent_path}/{entry.name}"
             paths[loc] = path
             return path
 
-        for loc, (ktype, flags, _name, data_off, data_size, _lenpfx, in_fo, parent) in raw_entries.items():
+        for loc, raw in raw_entries.items():
             path = resolve(loc)
             if path is None:
                 continue  # orphan: its parent node is gone (stale table); not reachable
-            if ktype == KEY_NODE and path in self.keys:
+            if raw.type == KEY_NODE and path in self.keys:
                 continue
-            self.keys[path] = KeyEntry(path, ktype, flags, loc[0], loc[1], parent, data_off, data_size, in_fo)
+            self.keys[path] = KeyEntry(path, raw.type, raw.flags, loc[0], loc[1], raw.parent, raw.data_offset,
+                                       raw.data_size, raw.in_file_object)
         for path in list(self.keys):
             parent_path = path.rsplit("/", 1)[0]
             if parent_path in self.keys:
                 self.keys[parent_path].children.append(path)
 
     def _parse_key_table(self, index: int, obj: ObjectEntry, data: bytes,
-                         out: dict[tuple[int, int], tuple[int, int, str, int, int, int, bool, tuple[int, int]]]
-                         ) -> None:
+                         out: dict[tuple[int, int], _RawKey]) -> None:
         pos = KEY_TABLE_HEADER.size
         end = len(data)
         wide = self.wide_key_names
@@ -323,7 +334,7 @@ class HyperVStorage:
             value_len = pos + size - value_start
             data_off, data_size, in_fo = self._locate_value(ktype, flags, data, value_start, value_len,
                                                            obj.offset, where)
-            out[(index, pos)] = (ktype, flags, name, data_off, data_size, 0, in_fo, (p_table, p_off))
+            out[(index, pos)] = _RawKey(ktype, flags, name, data_off, data_size, in_fo, (p_table, p_off))
             pos += size
 
     def _locate_value(self, ktype: int, flags: int, data: bytes, start: int, avail: int,
