@@ -567,3 +567,46 @@ def test_sparse_2gib_guest_bounded_rss(tmp_path: Path) -> None:
         data = decode_ramblock(parsed.value(f"/savedstate/RamBlock{block}"))
         marker = b"sparse marker %02d" % ((block % 1536 if block < 1536 else block - 1536) // 64)
         assert data[:16] == (marker if block % 64 == 0 else bytes(16))
+
+
+def test_decoy_keys(tmp_path: Path) -> None:
+    memories = two_ranges()
+    parsed = parse_vmrs(write(tmp_path, memories, decoy_keys=True))
+    assert parsed.keys["/savedstate/configuration/vmbus/channel_count"] == (4, 0, struct.pack("<Q", 3))
+    assert parsed.keys["/savedstate/configuration/settings/enabled"] == (8, 0, struct.pack("<i", 1))
+    assert parsed.keys["/savedstate/configuration/settings/ratio"] == (5, 0, struct.pack("<d", 0.5))
+    assert parsed.keys["/savedstate/configuration/devices/blob"][1] == 1
+    assert len(parsed.value("/savedstate/configuration/devices/blob")) == 3072
+    assert guest_memory(parsed) == dict(memories)
+
+
+def run_script(*args: str) -> str:
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "make-sample-vmrs"), *args],
+                            capture_output=True, text=True, check=True)
+    return result.stdout
+
+
+def test_make_sample_vmrs(tmp_path: Path) -> None:
+    from tests.vmrs_writer.samples import sample_page
+
+    out = tmp_path / "sample.vmrs"
+    run_script(str(out), "--size-mib", "8", "--vps", "3")
+    parsed = parse_vmrs(out)
+    memory = guest_memory(parsed)
+    assert sorted(memory) == [0, 1 << 32]
+    assert len(memory[0]) == 4 * MIB and len(memory[1 << 32]) == 4 * MIB - 3 * PAGE
+    for gpa, data in memory.items():
+        for at in range(0, len(data), 37 * PAGE):
+            assert data[at:at + PAGE] == sample_page(gpa + at)
+    assert b"VM2CORE-SAMPLE gpa=" in memory[0]
+    _, vps, _ = parse_partition_state(parsed.value("/savedstate/savedVM/partition_state"))
+    assert sorted(vps) == [0, 1, 2]
+
+
+def test_make_sample_vmrs_from_raw(tmp_path: Path) -> None:
+    image = varied_memory(3 * MIB, 11)
+    (tmp_path / "ram.bin").write_bytes(image)
+    out = tmp_path / "raw.vmrs"
+    run_script(str(out), "--from-raw", str(tmp_path / "ram.bin"), "--range", "0:0x100000",
+               "--range", "0x200000:0x100000", "--policy", "mixed")
+    assert guest_memory(parse_vmrs(out)) == {0: image[:MIB], 2 * MIB: image[2 * MIB:]}

@@ -22,6 +22,7 @@ from tests.vmrs_writer.structs import (
     FILE_OBJECT_DATA,
     KEY_ARRAY,
     KEY_BOOL,
+    KEY_DOUBLE,
     KEY_ENTRY_CRC_OFFSET,
     KEY_ENTRY_HEADER,
     KEY_FLAG_FILE_OBJECT,
@@ -54,6 +55,10 @@ def int_value(value: int) -> KeyValue:
 
 def uint_value(value: int) -> KeyValue:
     return KeyValue(KEY_UINT, struct.pack("<Q", value))
+
+
+def double_value(value: float) -> KeyValue:
+    return KeyValue(KEY_DOUBLE, struct.pack("<d", value))
 
 
 def bool_value(value: bool) -> KeyValue:

@@ -56,4 +56,7 @@ class WriterOptions:
     # VP_INDICES chunk layout: "canonical" = vm.h struct (u32 bsp, 30-byte bitmap, 14 pad: 48 data
     # bytes); "openvmm" = u32 bsp + bitmap of max(ceil(n/8), 8) bytes rounded up to 4 (12 data bytes).
     vp_indices_style: Literal["canonical", "openvmm"] = "canonical"
+    # Also write unrelated keys of every value type (uint, bool, double, string, node, a large array in
+    # a file object) under /savedstate/configuration/..., as real files hold device state there.
+    decoy_keys: bool = False
     os_id: int = 0x8100_0000_0006_0100  # OS_ID chunk value: open-source bit, OsId 1 (Linux), 6.1.0

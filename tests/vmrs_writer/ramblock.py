@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import struct
+import zlib
 from collections.abc import Callable
 
 from tests.vmrs_writer.options import PagePolicy
@@ -33,6 +34,12 @@ END_RECORD = PAGE_HEADER.pack(TAG_END)
 
 ZERO_BLOCK = bytes(BLOCK_SIZE)
 _CACHE_LIMIT = 512  # compressed pages kept for reuse (RAM images repeat pages a lot)
+
+
+def _may_compress(data: bytes) -> bool:
+    """Cheap screen: data zlib level 1 cannot shrink by 3% is most unlikely to shrink under XPRESS,
+    so skip the slow pure-Python compressor (the page is stored raw, as it would be anyway)."""
+    return len(zlib.compress(data, 1)) < len(data) * 0.97
 
 
 def _load_compressor() -> Callable[[bytes], bytes]:
@@ -93,14 +100,14 @@ class RamBlockEncoder:
         return cached
 
     def _page_record(self, page: bytes, force_raw: bool) -> bytes:
-        if not force_raw and self._want_xpress():
+        if not force_raw and self._want_xpress() and _may_compress(page):
             packed = self._xpress(page)
             if len(packed) < PAGE_SIZE:
                 return PAGE_HEADER.pack(len(packed)) + packed
         return PAGE_HEADER.pack(TAG_RAW_PAGE) + page
 
     def _chunk_record(self, data: bytes, force_raw: bool) -> bytes:
-        if not force_raw and self._want_xpress():
+        if not force_raw and self._want_xpress() and _may_compress(data):
             packed = self._xpress(data)
             if len(packed) < len(data):
                 return CHUNK_HEADER.pack(TAG_CHUNK, len(data), len(packed)) + packed

@@ -20,10 +20,13 @@ from typing import BinaryIO
 from tests.vmrs_writer.keystore import (
     KeyStore,
     array_value,
+    bool_value,
+    double_value,
     file_object_value,
     int_value,
     stale_mutator,
     string_value,
+    uint_value,
 )
 from tests.vmrs_writer.options import RangeSpec, WriterOptions
 from tests.vmrs_writer.partition_state import build_partition_state
@@ -187,6 +190,8 @@ def write_vmrs(path: str | Path, ranges: list[RangeSpec], vps: list[VpState],
             flags=spec.flags, page_count=spec.page_count, mbp_index_start=item.mbp_index_start,
             gpa_page_start=spec.gpa_start // PAGE_SIZE, numa_node=spec.numa_node)))
 
+    if opts.decoy_keys:
+        _put_decoy_keys(keys)
     slots = opts.object_table_entries
     root_table_size = align_up(OBJECT_TABLE_HEADER.size + slots * OBJECT_ENTRY.size)
     encoder = RamBlockEncoder(opts.policy, opts.seed, opts.xpress_fraction)
@@ -196,6 +201,10 @@ def write_vmrs(path: str | Path, ranges: list[RangeSpec], vps: list[VpState],
     with open(path, "w+b") as file:
         writer = _ObjectWriter(file, ROOT_OBJECT_TABLE_OFFSET + root_table_size)
 
+        if opts.decoy_keys:
+            blob_data = bytes(range(256)) * 12
+            keys.put("/savedstate/configuration/devices/blob",
+                     file_object_value(len(blob_data), writer.append(blob_data, OBJ_FILE_OBJECT)))
         blob = build_partition_state(vps, vendor=opts.vendor, os_id=opts.os_id,
                                      extra_unknown_chunks=opts.extra_unknown_chunks,
                                      vp_indices_style=opts.vp_indices_style)
@@ -244,6 +253,14 @@ def write_vmrs(path: str | Path, ranges: list[RangeSpec], vps: list[VpState],
             file.seek(offset)
             file.write(copy)
         file.flush()
+
+
+def _put_decoy_keys(keys: KeyStore) -> None:
+    keys.put("/savedstate/configuration/vmbus/channel_count", uint_value(3))
+    keys.put("/savedstate/configuration/settings/enabled", bool_value(True))
+    keys.put("/savedstate/configuration/settings/ratio", double_value(0.5))
+    keys.put("/savedstate/configuration/settings/name", string_value("decoy"))
+    keys.put("/savedstate/configuration/devices/small", array_value(b"\x01\x02\x03"))
 
 
 def _write_replay_log(writer: _ObjectWriter, first_table: bytes, first_table_offset: int,
