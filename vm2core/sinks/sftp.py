@@ -31,6 +31,13 @@ PasswordPrompt = Callable[[str], "str | None"]
 #: Bytes coalesced before handing them to paramiko, which splits them into 32 KiB
 #: SSH_FXP_WRITE requests sent without waiting for each reply (pipelined).
 WRITE_SIZE = 1 << 20
+#: SSH_FXP_WRITE framing (draft-ietf-secsh-filexfer-02 6.4): uint32 length, byte type,
+#: uint32 id, string handle (uint32 + bytes), uint64 offset, string data (uint32 + bytes).
+SFTP_WRITE_HEADER = 4 + 1 + 4 + 4 + 8 + 4
+#: paramiko keeps each channel packet this much below the peer's maximum (channel.py).
+CHANNEL_PACKET_SLACK = 64
+#: The smallest write request worth sending (protects against odd max packet sizes).
+MIN_WRITE_REQUEST = 4096
 #: Seconds without progress after which a connection counts as dead.
 IO_TIMEOUT = 300.0
 #: Seconds allowed for TCP connect + SSH handshake when ConnectTimeout is not set.
@@ -191,6 +198,7 @@ class SftpSink(Sink):
             remote.chmod(0o600)
         remote.set_pipelined(True)
         remote.settimeout(IO_TIMEOUT)
+        remote.MAX_REQUEST_SIZE = _write_request_size(self._sftp, remote)
         return remote
 
     def _flush(self) -> None:
@@ -471,6 +479,17 @@ def _remote_sha256(t: paramiko.Transport, path: str, size: int) -> str | _Unavai
 
 #: Exceptions that mean the connection itself failed (SFTP status errors are plain OSError).
 _CONNECTION_ERRORS = (EOFError, paramiko.SSHException, socket.timeout)
+
+
+def _write_request_size(sftp: paramiko.SFTPClient, remote: paramiko.SFTPFile) -> int:
+    """Data per SSH_FXP_WRITE so that each request fits one SSH channel packet.
+
+    paramiko's default (32768 data bytes) overflows the 32 KiB channel packet most servers
+    allow by the request header, so every request costs a second, tiny packet.
+    """
+    channel_payload = sftp.get_channel().out_max_packet_size - CHANNEL_PACKET_SLACK
+    header = SFTP_WRITE_HEADER + len(remote.handle)
+    return max(MIN_WRITE_REQUEST, min(remote.MAX_REQUEST_SIZE, channel_payload - header))
 
 
 def _exists(sftp: paramiko.SFTPClient, path: str) -> bool:
