@@ -8,6 +8,7 @@ up as a CRC, bounds, layout or byte mismatch.
 from __future__ import annotations
 
 import collections
+import functools
 import random
 import struct
 import subprocess
@@ -280,6 +281,7 @@ def parse_partition_state(blob: bytes) -> tuple[int, dict[int, dict[int, dict[in
 WORDS = [b"kernel", b"page", b"struct", b"task", b"mm", b"0x", b"vmcore", b" ", b"\n", b"init"]
 
 
+@functools.lru_cache(maxsize=16)
 def varied_memory(size: int, seed: int) -> bytes:
     """Zero, fill, text-like, random and repeated pages, and runs of them."""
     rng = random.Random(seed)
@@ -401,8 +403,7 @@ def test_inline_and_file_object_values(tmp_path: Path) -> None:
     assert parsed.keys["/savedstate/RamBlock1"][1] == 1     # real data: a file object
     assert parsed.keys["/savedstate/savedVM/partition_state"][1] == 1
     assert guest_memory(parsed) == dict(memories)
-    inline = parse_vmrs(write(tmp_path, memories, name="i.vmrs", partition_state_inline=True,
-                              key_table_size=16384))
+    inline = parse_vmrs(write(tmp_path, memories, name="i.vmrs", partition_state_inline=True))
     assert inline.keys["/savedstate/savedVM/partition_state"][1] == 0
     assert inline.value("/savedstate/savedVM/partition_state") == parsed.value(
         "/savedstate/savedVM/partition_state")

@@ -46,7 +46,8 @@ class WriterOptions:
     corrupt_first_header: bool = False
     newer_second_header: bool = False
     dirty_replay_log: bool = False
-    partition_state_inline: bool = False
+    partition_state_inline: bool = False    # inline array even though >= 2048 bytes; key tables grow
+                                            # (to 8192+ bytes) so that the entry fits
     extra_unknown_chunks: bool = True
     vendor: int = 1
     # Fraction of non-fill pages (and chunk records) that are XPRESS-compressed; the rest are stored

@@ -195,8 +195,7 @@ def write_vmrs(path: str | Path, ranges: list[RangeSpec], vps: list[VpState],
     slots = opts.object_table_entries
     root_table_size = align_up(OBJECT_TABLE_HEADER.size + slots * OBJECT_ENTRY.size)
     encoder = RamBlockEncoder(opts.policy, opts.seed, opts.xpress_fraction)
-    # Largest blob an inline partition_state entry can hold (name counted as UTF-16 + NUL, length u32).
-    max_inline = opts.key_table_size - KEY_TABLE_HEADER.size - KEY_ENTRY_HEADER.size - 32 - 4
+    key_table_size = opts.key_table_size
 
     with open(path, "w+b") as file:
         writer = _ObjectWriter(file, ROOT_OBJECT_TABLE_OFFSET + root_table_size)
@@ -208,7 +207,12 @@ def write_vmrs(path: str | Path, ranges: list[RangeSpec], vps: list[VpState],
         blob = build_partition_state(vps, vendor=opts.vendor, os_id=opts.os_id,
                                      extra_unknown_chunks=opts.extra_unknown_chunks,
                                      vp_indices_style=opts.vp_indices_style)
-        if len(blob) < FILE_OBJECT_THRESHOLD or (opts.partition_state_inline and len(blob) <= max_inline):
+        if opts.partition_state_inline:
+            # The PROLOG alone is 4080 bytes: grow every key table until the inline entry fits
+            # (entry = header + name, counted as UTF-16 + NUL, + u32 length + blob).
+            needed = KEY_TABLE_HEADER.size + KEY_ENTRY_HEADER.size + 32 + 4 + len(blob)
+            key_table_size = max(key_table_size, align_up(needed))
+        if len(blob) < FILE_OBJECT_THRESHOLD or opts.partition_state_inline:
             keys.put(PARTITION_STATE_KEY, array_value(blob))
         else:
             keys.put(PARTITION_STATE_KEY, file_object_value(len(blob), writer.append(blob, OBJ_FILE_OBJECT)))
@@ -224,12 +228,12 @@ def write_vmrs(path: str | Path, ranges: list[RangeSpec], vps: list[VpState],
                 keys.put(f"/savedstate/RamBlock{block}", array_value(value))
 
         sequence = 2 if opts.duplicate_stale_keytable else 1
-        tables = keys.build_tables(opts.key_table_size, sequence)
-        table_objects = [_Object(OBJ_KEY_TABLE, writer.append(t, None), opts.key_table_size) for t in tables]
+        tables = keys.build_tables(key_table_size, sequence)
+        table_objects = [_Object(OBJ_KEY_TABLE, writer.append(t, None), key_table_size) for t in tables]
         if opts.duplicate_stale_keytable:
             # An older (sequence 1) copy of table 1 with wrong values, listed right after the current one.
-            stale = keys.build_tables(opts.key_table_size, 1, mutate=stale_mutator)[0]
-            table_objects.insert(1, _Object(OBJ_KEY_TABLE, writer.append(stale, None), opts.key_table_size))
+            stale = keys.build_tables(key_table_size, 1, mutate=stale_mutator)[0]
+            table_objects.insert(1, _Object(OBJ_KEY_TABLE, writer.append(stale, None), key_table_size))
 
         replay_offset, replay_size = _write_replay_log(writer, tables[0], table_objects[0].offset,
                                                        dirty=opts.dirty_replay_log)
