@@ -2,25 +2,35 @@
 
 The VMCOREINFO note must sit in the notes, before guest memory, yet it is only found by
 reading guest memory.  On a seekable sink the notes area is reserved, memory is streamed and
-scanned in the same pass, and the note is patched in at the end: guest memory is read once.
-On a pipe a cheaper first pass scans memory (stopping at the first note that validates) before
-the header is written.
+scanned in the same pass (the scan runs on its own thread, over the bytes already on their way
+out), and the note is patched in at the end: guest memory is read once.  On a pipe a cheaper
+first pass scans memory (stopping at the first note that validates) before the header is written.
+
+Record-encoded blocks are decoded on a thread pool in order (:mod:`vm2core.core.pipeline`); raw
+blocks are copied by the kernel where it can (``copy_file_range``/``sendfile``); long zero runs
+become holes, or with ``exclude_zero`` are left out of the core (:mod:`vm2core.core.zeros`).
 """
 
 from __future__ import annotations
 
+import mmap
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from vm2core.core.layout import CoreLayout, LoadRange, plan_core
-from vm2core.errors import FormatError, UnsupportedError
+from vm2core.core.pipeline import BlockDecoder, BlockSlice, BufferPool, Decoded, decode_in_order, slices, worker_count
+from vm2core.core.zeros import ZeroMap, zero_map
+from vm2core.errors import UnsupportedError
 from vm2core.guest.vmcoreinfo import Selection, VmcoreinfoScanner, select_kernel
-from vm2core.reader.memory import Data, FileSpan, MemoryRange, Piece, Zeros
-from vm2core.reader.ramblock import slice_pieces
+from vm2core.reader.memory import Data, FileSpan, MemoryRange, Zeros
 from vm2core.reader.savedstate import SavedState
 from vm2core.sinks.base import Sink
 
 READ_CHUNK = 1 << 20
+SCAN_QUEUE_DEPTH = 8          # decoded blocks waiting for the background scan (bounded memory)
 
 
 class Progress:
@@ -43,6 +53,7 @@ class ConversionResult:
     bytes_written: int
     prescan_bytes: int = 0
     warnings: list[str] = field(default_factory=list)
+    excluded_bytes: int = 0       # zero bytes left out of the file by exclude_zero
 
 
 def memory_loads(state: SavedState) -> list[LoadRange]:
@@ -50,102 +61,211 @@ def memory_loads(state: SavedState) -> list[LoadRange]:
     return [LoadRange(r.gpa_start, r.size, r.size) for r in state.ranges]
 
 
-def iter_pieces(state: SavedState, r: MemoryRange) -> Iterator[tuple[int, Piece]]:
-    """(gpa, piece) for every byte of a range, in order."""
-    gpa = r.gpa_start
-    for info, start, length in state.blocks_of(r):
-        for piece in slice_pieces(state.decode_block(info), start, length):
-            yield gpa, piece
-            gpa += piece.length
+def _windows(state: SavedState, loads: list[LoadRange]) -> Iterator[tuple[MemoryRange, int, int]]:
+    """(range, gpa, length) of every byte that goes into the file, in file order."""
+    ranges = iter(state.ranges)
+    r: MemoryRange | None = None
+    for load in sorted(loads, key=lambda ld: ld.paddr):
+        if load.filesz == 0:
+            continue
+        while r is None or load.paddr >= r.gpa_end:
+            r = next(ranges)
+        yield r, load.paddr, load.filesz
 
 
-def find_kernel(state: SavedState, progress: Progress, *, stop_early: bool = True) -> tuple[Selection, int]:
-    """Scan guest memory for the VMCOREINFO note; return the selection and bytes scanned."""
+def _slices(state: SavedState, loads: list[LoadRange]) -> Iterator[BlockSlice]:
+    for r, gpa, length in _windows(state, loads):
+        yield from slices(state, r, gpa, length)
+
+
+class InputWindows:
+    """Read-only views of input bytes for the scanner: an ``mmap`` window (no copy) where the
+    platform allows, else a plain read.  One window at a time, so RSS does not grow."""
+
+    def __init__(self, src: BinaryIO, state: SavedState) -> None:
+        self._src = src
+        self._state = state
+        self._use_mmap = True
+        self._lock = threading.Lock()
+
+    def scan(self, scanner: VmcoreinfoScanner, gpa: int, offset: int, length: int) -> None:
+        if self._use_mmap:
+            base = offset - offset % mmap.ALLOCATIONGRANULARITY
+            try:
+                window = mmap.mmap(self._src.fileno(), offset + length - base, access=mmap.ACCESS_READ,
+                                   offset=base)
+            except (OSError, ValueError):
+                self._use_mmap = False
+            else:
+                try:
+                    scanner.feed_window(gpa, window, offset - base, offset - base + length)
+                finally:
+                    window.close()
+                return
+        for off in range(0, length, READ_CHUNK):
+            n = min(READ_CHUNK, length - off)
+            with self._lock:
+                data = self._state.container.read_at(offset + off, n, "RAM data")
+            scanner.feed(gpa + off, data)
+
+
+def feed_scanner(scanner: VmcoreinfoScanner, decoded: Decoded, windows: InputWindows) -> None:
+    """Show the scanner every non-zero-run byte of a decoded slice, in order, without copies."""
+    gpa = decoded.slice.gpa
+    pos = 0
+    for run in decoded.runs:
+        if isinstance(run, Data):
+            assert decoded.buffer is not None
+            scanner.feed_window(gpa, decoded.buffer, pos, pos + run.length)
+        elif isinstance(run, FileSpan):
+            windows.scan(scanner, gpa, run.offset, run.length)
+        gpa += run.length
+        pos += run.length
+
+
+def find_kernel(state: SavedState, progress: Progress, *, stop_early: bool = True,
+                loads: list[LoadRange] | None = None, workers: int | None = None) -> tuple[Selection, int]:
+    """Scan guest memory (the file parts of ``loads``) for the VMCOREINFO note.
+
+    Returns the selection and the bytes scanned; with ``stop_early`` the scan ends at the first
+    candidate that validates.
+    """
+    loads = memory_loads(state) if loads is None else loads
     scanner = VmcoreinfoScanner()
+    windows = InputWindows(state.container.file, state)
+    pool = BufferPool(keep=4 * (workers or worker_count()) + 4)
+    decoder = BlockDecoder(state, pool)
     scanned = 0
     seen = 0
-    progress.start("searching for VMCOREINFO", state.total_ram)
+    progress.start("searching for VMCOREINFO", sum(ld.filesz for ld in loads))
+    stream = decode_in_order(decoder, _slices(state, loads), workers=workers)
     try:
-        for r in state.ranges:
-            for gpa, piece in iter_pieces(state, r):
-                if isinstance(piece, FileSpan):
-                    for off in range(0, piece.length, READ_CHUNK):
-                        n = min(READ_CHUNK, piece.length - off)
-                        scanner.feed(gpa + off, state.container.read_at(piece.offset + off, n, "RAM data"))
-                elif isinstance(piece, Data):
-                    scanner.feed(gpa, piece.data)
-                scanned += piece.length
-                progress.advance(piece.length)
-                if stop_early and len(scanner.candidates) > seen:
-                    seen = len(scanner.candidates)
-                    selection = select_kernel(scanner.candidates, state, state.vps)
-                    if selection.kernel is not None:
-                        return selection, scanned
+        for decoded in stream:
+            feed_scanner(scanner, decoded, windows)
+            pool.put(decoded.buffer)
+            scanned += decoded.slice.length
+            progress.advance(decoded.slice.length)
+            if stop_early and len(scanner.candidates) > seen:
+                seen = len(scanner.candidates)
+                selection = select_kernel(scanner.candidates, state, state.vps)
+                if selection.kernel is not None:
+                    return selection, scanned
     finally:
+        stream.close()
         progress.finish()
     return select_kernel(scanner.candidates, state, state.vps), scanned
 
 
-def _stream_memory(state: SavedState, sink: Sink, layout: CoreLayout, progress: Progress,
-                   scanner: VmcoreinfoScanner | None) -> None:
+class _BackgroundScan:
+    """Feeds the scanner, in order, on its own thread: the search overlaps the writes and the
+    kernel-side copies (which release the GIL) instead of adding to them."""
+
+    def __init__(self, scanner: VmcoreinfoScanner, windows: InputWindows, pool: BufferPool) -> None:
+        self._scanner = scanner
+        self._windows = windows
+        self._pool = pool
+        self._queue: queue.Queue[Decoded | None] = queue.Queue(SCAN_QUEUE_DEPTH)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="vm2core-scan", daemon=True)
+        self._thread.start()
+
+    def submit(self, decoded: Decoded) -> None:
+        self._queue.put(decoded)
+
+    def _run(self) -> None:
+        while True:
+            decoded = self._queue.get()
+            if decoded is None:
+                return
+            try:
+                if self._error is None:
+                    feed_scanner(self._scanner, decoded, self._windows)
+            except BaseException as e:  # handed to the main thread by close()
+                self._error = e
+            finally:
+                self._pool.put(decoded.buffer)
+
+    def close(self) -> None:
+        """Wait for the scan to finish; re-raise its error, if any."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def _stream_memory(state: SavedState, sink: Sink, layout: CoreLayout, loads: list[LoadRange],
+                   progress: Progress, scanner: VmcoreinfoScanner | None, workers: int | None) -> None:
     src = state.container.file
-    buf = bytearray(READ_CHUNK)
-    view = memoryview(buf)
-    progress.start("converting", state.total_ram)
+    pool = BufferPool(keep=4 * (workers or worker_count()) + SCAN_QUEUE_DEPTH + 4)
+    decoder = BlockDecoder(state, pool)
+    background = _BackgroundScan(scanner, InputWindows(src, state), pool) if scanner is not None else None
+    expected = iter(s for s in layout.segments if s.filesz)
+    segment = None
+    segment_end = 0
+    progress.start("converting", sum(ld.filesz for ld in loads))
+    stream = decode_in_order(decoder, _slices(state, loads), workers=workers)
     try:
-        for r, seg in zip(state.ranges, layout.segments, strict=True):
-            assert sink.position == seg.offset and seg.paddr == r.gpa_start
-            for gpa, piece in iter_pieces(state, r):
-                if isinstance(piece, Zeros):
-                    sink.write_zeros(piece.length)
-                elif isinstance(piece, Data):
-                    if scanner is not None:
-                        scanner.feed(gpa, piece.data)
-                    sink.write(piece.data)
-                elif scanner is None:
-                    sink.copy_from(src, piece.offset, piece.length)
+        for decoded in stream:
+            if sink.position >= segment_end:          # entering the next segment: check the plan
+                segment = next(expected)
+                segment_end = segment.offset + segment.filesz
+                assert sink.position == segment.offset and decoded.slice.gpa == segment.paddr
+            for run in decoded.runs:
+                if isinstance(run, Zeros):
+                    sink.write_zeros(run.length)
+                elif isinstance(run, Data):
+                    sink.write(run.data)
                 else:
-                    # Read through a reused buffer so the scan sees the bytes on their way out.
-                    for off in range(0, piece.length, READ_CHUNK):
-                        n = min(READ_CHUNK, piece.length - off)
-                        src.seek(piece.offset + off)
-                        got = src.readinto(view[:n])  # type: ignore[attr-defined]
-                        if got != n:
-                            raise FormatError("input ended inside RAM data", path=state.path,
-                                              structure="RAM data", offset=piece.offset + off)
-                        scanner.feed(gpa + off, view[:n])
-                        sink.write(view[:n])
-                progress.advance(piece.length)
+                    sink.copy_from(src, run.offset, run.length)
+            if background is not None:
+                background.submit(decoded)
+            else:
+                pool.put(decoded.buffer)
+            progress.advance(decoded.slice.length)
     finally:
+        stream.close()
+        if background is not None:
+            background.close()
         progress.finish()
 
 
 def convert(state: SavedState, sink: Sink, *, progress: Progress | None = None,
-            warn: Callable[[str], None] = lambda _msg: None) -> ConversionResult:
-    """Write the ELF core of ``state`` to ``sink`` (the caller commits or aborts the sink)."""
+            warn: Callable[[str], None] = lambda _msg: None, exclude_zero: bool = False,
+            workers: int | None = None) -> ConversionResult:
+    """Write the ELF core of ``state`` to ``sink`` (the caller commits or aborts the sink).
+
+    ``exclude_zero``: leave runs of >= 256 zero pages (known from fill records and missing
+    blocks, without decoding) out of the file as ``p_filesz < p_memsz`` tails.
+    ``workers``: decoding threads (default: one per CPU).
+    """
     progress = progress or Progress()
     if state.architecture != "x86_64":
         raise UnsupportedError(f"{state.architecture} guests are recognised but only x86_64 cores "
                                "can be written so far", path=state.path, structure="partition_state")
     vps = state.vps
-    loads = memory_loads(state)
+    zeros: ZeroMap | None = None
+    if exclude_zero:
+        zeros = zero_map(state)
+        loads = zeros.loads(state.ranges)
+    else:
+        loads = memory_loads(state)
     prescan = 0
     if sink.seekable:
         layout = plan_core(loads, vps, vmcoreinfo_note=None, reserve_vmcoreinfo=True)
         sink.write(layout.header())
         scanner = VmcoreinfoScanner()
-        _stream_memory(state, sink, layout, progress, scanner)
+        _stream_memory(state, sink, layout, loads, progress, scanner, workers)
         selection = select_kernel(scanner.candidates, state, vps)
         if selection.kernel is not None:
             sink.patch(0, layout.header(selection.kernel.note))
             layout = plan_core(loads, vps, vmcoreinfo_note=selection.kernel.note, reserve_vmcoreinfo=True)
     else:
-        selection, prescan = find_kernel(state, progress)
+        selection, prescan = find_kernel(state, progress, loads=loads, workers=workers)
         note = selection.kernel.note if selection.kernel else None
         # Same room as on a seekable sink, so a pipe and a file get byte-identical cores.
         layout = plan_core(loads, vps, vmcoreinfo_note=note, reserve_vmcoreinfo=True)
         sink.write(layout.header())
-        _stream_memory(state, sink, layout, progress, None)
+        _stream_memory(state, sink, layout, loads, progress, None, workers)
     if sink.position != layout.total_size:
         raise AssertionError(f"wrote {sink.position} bytes, planned {layout.total_size}")
     warnings = []
@@ -153,6 +273,10 @@ def convert(state: SavedState, sink: Sink, *, progress: Progress | None = None,
         warnings.append("no valid VMCOREINFO note found in guest memory ("
                         + "; ".join(selection.reasons) + "): the core has CPU notes only; crash can "
                         "still open it (KASLR from the QEMU-style notes), drgn needs --vmcoreinfo")
+        if zeros is not None and zeros.excluded_bytes:
+            warnings.append("zero pages were excluded but the core has no VMCOREINFO note: drgn reads "
+                            "them as zeros only when it has VMCOREINFO (crash always does)")
     for w in warnings:
         warn(w)
-    return ConversionResult(layout, selection, sink.position, prescan, warnings)
+    return ConversionResult(layout, selection, sink.position, prescan, warnings,
+                            excluded_bytes=zeros.excluded_bytes if zeros else 0)

@@ -13,6 +13,7 @@ import re
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from mmap import mmap
 
 from ..reader.cpu import VpState
 from ..reader.memory import PAGE_SIZE, MemoryRange, NotInMemory, PhysicalMemory
@@ -42,6 +43,9 @@ UTS_NAME_OFFSET_GUESSES = (0, 4)
 # Keys the selection rule needs (elf-vmcore.md section 5); KERNELOFFSET, NUMBER(phys_base),
 # SYMBOL(_stext) may be missing on old kernels and are handled as degradations.
 REQUIRED_KEYS = ("OSRELEASE", "PAGESIZE", "SYMBOL(swapper_pg_dir)")
+
+# What the scanner can search in place: bytes, a reused bytearray, or an mmap window of the input.
+Searchable = bytes | bytearray | mmap
 
 _HEX = re.compile(r"[0-9a-fA-F]{1,16}")
 _SIGNED_DECIMAL = re.compile(r"-?[0-9]{1,20}")
@@ -77,7 +81,7 @@ class NoteCandidate:
         return len(self.data) >= self.size
 
 
-def _looks_like_note(buf: bytes, start: int, gpa: int) -> int | None:
+def _looks_like_note(buf: Searchable, start: int, gpa: int) -> int | None:
     """descsz when ``buf[start:]`` (at guest address ``gpa``) begins a plausible VMCOREINFO note."""
     if gpa % NOTE_ALIGNMENT:
         return None
@@ -109,56 +113,65 @@ class VmcoreinfoScanner:
         self._pending: list[NoteCandidate] = []  # candidates whose bytes continue in the next chunk
 
     def feed(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        buf = data if isinstance(data, bytes) else bytes(data)
+        buf = data if isinstance(data, (bytes, bytearray)) else bytes(data)
+        self.feed_window(gpa, buf, 0, len(buf))
+
+    def feed_window(self, gpa: int, buf: Searchable, start: int, end: int) -> None:
+        """Feed ``buf[start:end]`` (at guest address ``gpa``) without copying it.
+
+        ``buf`` is anything with ``find`` and slicing: bytes, bytearray or an ``mmap`` of the input.
+        """
         if gpa == self._next_gpa:
-            self._extend_pending(buf)
+            self._extend_pending(buf, start, end)
             if self._carry:
-                self._scan_boundary(gpa, buf)
+                self._scan_boundary(gpa, buf, start, end)
         else:
             self._pending.clear()
             self._carry = b""
-        self._scan_chunk(gpa, buf)
-        self.bytes_scanned += len(buf)
-        self._next_gpa = gpa + len(buf)
-        self._carry = (self._carry + buf[-self._CARRY:])[-self._CARRY:]
+        self._scan_chunk(gpa, buf, start, end)
+        self.bytes_scanned += end - start
+        self._next_gpa = gpa + end - start
+        self._carry = (self._carry + bytes(buf[max(start, end - self._CARRY):end]))[-self._CARRY:]
 
-    def _extend_pending(self, buf: bytes) -> None:
+    def _extend_pending(self, buf: Searchable, start: int, end: int) -> None:
         still_pending = []
         for candidate in self._pending:
-            candidate.data += buf[:candidate.size - len(candidate.data)]
+            need = candidate.size - len(candidate.data)
+            candidate.data += bytes(buf[start:min(end, start + need)])
             if not candidate.complete:
                 still_pending.append(candidate)
         self._pending = still_pending
 
-    def _scan_boundary(self, gpa: int, buf: bytes) -> None:
+    def _scan_boundary(self, gpa: int, buf: Searchable, start: int, end: int) -> None:
         """Signatures that start in the carried tail of the previous chunk."""
         carry = self._carry
-        window = carry + buf[:self._CARRY]
+        window = carry + bytes(buf[start:min(end, start + self._CARRY)])
         base = gpa - len(carry)
         pos = window.find(NAME_FIELD)
         while pos != -1:
-            start = pos - NOTE_HEADER.size
-            if start >= len(carry):
+            sig = pos - NOTE_HEADER.size
+            if sig >= len(carry):
                 break
-            if start >= 0 and start + SIGNATURE_LENGTH <= len(window):
-                descsz = _looks_like_note(window, start, base + start)
+            if sig >= 0 and sig + SIGNATURE_LENGTH <= len(window):
+                descsz = _looks_like_note(window, sig, base + sig)
                 if descsz is not None:
-                    head = carry[start:]
-                    self._add(base + start, descsz, head + buf[:DESC_OFFSET + descsz - len(head)])
+                    head = carry[sig:]
+                    rest = DESC_OFFSET + descsz - len(head)
+                    self._add(base + sig, descsz, head + bytes(buf[start:min(end, start + rest)]))
             pos = window.find(NAME_FIELD, pos + 1)
 
-    def _scan_chunk(self, gpa: int, buf: bytes) -> None:
-        """Signatures wholly inside ``buf``."""
-        pos = buf.find(NAME_FIELD, NOTE_HEADER.size)
-        last_start = len(buf) - SIGNATURE_LENGTH
+    def _scan_chunk(self, gpa: int, buf: Searchable, start: int, end: int) -> None:
+        """Signatures wholly inside ``buf[start:end]``."""
+        pos = buf.find(NAME_FIELD, start + NOTE_HEADER.size, end)
+        last_start = end - SIGNATURE_LENGTH
         while pos != -1:
-            start = pos - NOTE_HEADER.size
-            if start > last_start:
+            sig = pos - NOTE_HEADER.size
+            if sig > last_start:
                 break                                  # completed by the next chunk's boundary scan
-            descsz = _looks_like_note(buf, start, gpa + start)
+            descsz = _looks_like_note(buf, sig, gpa + sig - start)
             if descsz is not None:
-                self._add(gpa + start, descsz, buf[start:start + DESC_OFFSET + descsz])
-            pos = buf.find(NAME_FIELD, pos + 1)
+                self._add(gpa + sig - start, descsz, bytes(buf[sig:min(end, sig + DESC_OFFSET + descsz)]))
+            pos = buf.find(NAME_FIELD, pos + 1, end)
 
     def _add(self, gpa: int, descsz: int, data: bytes) -> None:
         if len(self.candidates) >= self._max_candidates:

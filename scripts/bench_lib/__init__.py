@@ -1,0 +1,1 @@
+"""Helpers of ``scripts/bench``: realistic .vmrs inputs and measured runs (developer tooling)."""

@@ -1,0 +1,210 @@
+"""Parallel, ordered decoding of RAM blocks for streaming.
+
+The output must be written in GPA order, but decoding a record-encoded block (mostly XPRESS) is
+independent of every other block, and the XPRESS decoder releases the GIL.  So a small thread pool
+decodes blocks ahead of the writer while the writer consumes results strictly in order.  Memory
+stays flat whatever the VM size: at most ``depth`` blocks are in flight, each decoded into one of a
+few reused 1 MiB buffers.
+
+A decoded slice is a short list of runs (:mod:`pieces <vm2core.reader.memory>`): ``Zeros`` for
+long zero runs (holes, or nothing at all), ``FileSpan`` for raw blocks (copied by the kernel),
+``Data`` for decoded bytes (a view into the pooled buffer; short zero runs are folded in so the
+sink gets one large write per block).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from vm2core.errors import FormatError
+from vm2core.reader.memory import PAGE_SIZE, Data, FileSpan, MemoryRange, Piece, Zeros
+from vm2core.reader.ramblock import BLOCK_SIZE, slice_pieces
+from vm2core.reader.savedstate import RAM_BLOCK_KEY, BlockInfo, SavedState
+
+# Zero runs at least this long stay separate runs (a sink can make them holes); shorter ones are
+# copied into the block buffer so a block becomes one write.  Same as FileSink's hole threshold.
+ZERO_RUN_MIN = 64 << 10
+ZERO_BYTES = bytes(BLOCK_SIZE)
+
+
+@dataclass(frozen=True)
+class BlockSlice:
+    """Bytes ``[start, start + length)`` of one RAM block, which sit at guest address ``gpa``."""
+
+    gpa: int
+    info: BlockInfo
+    start: int
+    length: int
+
+
+@dataclass
+class Decoded:
+    """A slice turned into runs, in order; ``buffer`` (if any) goes back to the pool after use."""
+
+    slice: BlockSlice
+    runs: list[Piece]
+    buffer: bytearray | None = None
+
+
+class BufferPool:
+    """Reused 1 MiB buffers.  Never blocks: an empty pool allocates, a full one drops the buffer,
+    so a worker can never wait for a buffer the consumer cannot return (no deadlock)."""
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> bytearray:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return bytearray(BLOCK_SIZE)
+
+    def put(self, buf: bytearray | None) -> None:
+        if buf is None:
+            return
+        with self._lock:
+            if len(self._free) < self._keep:
+                self._free.append(buf)
+
+
+def slices(state: SavedState, r: MemoryRange, gpa: int, length: int) -> Iterator[BlockSlice]:
+    """Block slices covering guest addresses ``[gpa, gpa + length)`` of range ``r``, in order."""
+    if length <= 0:
+        return
+    if gpa < r.gpa_start or gpa + length > r.gpa_end:
+        raise ValueError(f"window {gpa:#x}+{length:#x} is outside RAM range {r.index}")
+    data = r.mbp_index_start * PAGE_SIZE + (gpa - r.gpa_start)
+    end = data + length
+    while data < end:
+        block, start = divmod(data, BLOCK_SIZE)
+        n = min(BLOCK_SIZE - start, end - data)
+        yield BlockSlice(gpa, state.block_info(block), start, n)
+        gpa += n
+        data += n
+
+
+def _stored_reader(state: SavedState) -> Callable[[int, int, str], bytes]:
+    """Thread-safe positional read of a block's stored bytes (one read per block)."""
+    src = state.container.file
+    if hasattr(os, "pread"):
+        fd = src.fileno()
+
+        def pread(offset: int, size: int, name: str) -> bytes:
+            data = os.pread(fd, size, offset)
+            while len(data) < size:          # short reads are legal; EOF is not
+                more = os.pread(fd, size - len(data), offset + len(data))
+                if not more:
+                    raise FormatError("input ended inside a RAM block", path=state.path, structure=name,
+                                      offset=offset)
+                data += more
+            return data
+
+        return pread
+    lock = threading.Lock()
+
+    def locked_read(offset: int, size: int, name: str) -> bytes:
+        with lock:
+            return state.container.read_at(offset, size, name)
+
+    return locked_read
+
+
+class BlockDecoder:
+    """Turns :class:`BlockSlice` objects into :class:`Decoded` runs; safe to call from threads."""
+
+    def __init__(self, state: SavedState, pool: BufferPool) -> None:
+        self.state = state
+        self.pool = pool
+        self._read = _stored_reader(state)
+
+    @staticmethod
+    def needs_work(sl: BlockSlice) -> bool:
+        """False for missing and raw blocks: nothing to read or decode, no thread needed."""
+        return sl.info.encoding == "records"
+
+    def immediate(self, sl: BlockSlice) -> Decoded:
+        if sl.info.entry is None:
+            return Decoded(sl, [Zeros(sl.length)])
+        return Decoded(sl, [FileSpan(sl.info.entry.data_offset + sl.start, sl.length)])
+
+    def decode(self, sl: BlockSlice) -> Decoded:
+        info = sl.info
+        if not self.needs_work(sl):
+            return self.immediate(sl)
+        assert info.entry is not None
+        stored = self._read(info.entry.data_offset, info.entry.data_size, RAM_BLOCK_KEY.format(info.number))
+        pieces = slice_pieces(self.state.decode_block(info, stored), sl.start, sl.length)
+        return self._flatten(sl, pieces)
+
+    def _flatten(self, sl: BlockSlice, pieces: Iterable[Piece]) -> Decoded:
+        """Copy data and short zero runs into one buffer; keep long zero runs apart."""
+        buf = self.pool.get()
+        view = memoryview(buf)
+        runs: list[Piece] = []
+        lo = pos = 0
+        for p in pieces:
+            n = p.length
+            if isinstance(p, Zeros):
+                if n >= ZERO_RUN_MIN:
+                    if pos > lo:
+                        runs.append(Data(view[lo:pos]))
+                    runs.append(p)
+                    lo = pos = pos + n
+                    continue
+                view[pos:pos + n] = ZERO_BYTES[:n]
+            elif isinstance(p, Data):
+                view[pos:pos + n] = p.data
+            else:  # a record stream never yields file spans
+                raise AssertionError("FileSpan inside a record-encoded block")
+            pos += n
+        if pos > lo:
+            runs.append(Data(view[lo:pos]))
+        if pos != sl.length:
+            raise AssertionError(f"block {sl.info.number} decoded to {pos} bytes, expected {sl.length}")
+        return Decoded(sl, runs, buf)
+
+
+def worker_count() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def decode_in_order(decoder: BlockDecoder, items: Iterable[BlockSlice], *, workers: int | None = None,
+                    depth: int | None = None) -> Generator[Decoded, None, None]:
+    """Decode ``items`` on a thread pool, yielding results in input order.
+
+    At most ``depth`` record blocks are decoded ahead of the consumer (bounded memory); raw and
+    missing blocks pass straight through.  Closing the iterator early cancels what is queued.
+    """
+    workers = workers or worker_count()
+    depth = depth or 2 * workers + 2
+    pending: deque[Future[Decoded] | Decoded] = deque()
+    in_flight = 0
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vm2core-decode") as pool:
+        try:
+            for sl in items:
+                if decoder.needs_work(sl):
+                    pending.append(pool.submit(decoder.decode, sl))
+                    in_flight += 1
+                else:
+                    pending.append(decoder.immediate(sl))
+                while in_flight >= depth or len(pending) > 4 * depth:
+                    head = pending.popleft()
+                    if isinstance(head, Future):
+                        in_flight -= 1
+                        yield head.result()
+                    else:
+                        yield head
+            while pending:
+                head = pending.popleft()
+                yield head.result() if isinstance(head, Future) else head
+        finally:
+            for item in pending:
+                if isinstance(item, Future):
+                    item.cancel()
