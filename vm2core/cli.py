@@ -109,7 +109,10 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--progress/--no-progress", default=None,
               help="Show progress on stderr (default: only when stderr is a terminal).")
-def convert_cmd(input_path: Path, output: str, force: bool, quiet: bool, progress: bool | None) -> None:
+@click.option("--exclude-zero", is_flag=True,
+              help="Leave runs of >= 256 zero pages out of the core (they read as zeros in crash and drgn).")
+def convert_cmd(input_path: Path, output: str, force: bool, quiet: bool, progress: bool | None,
+                exclude_zero: bool) -> None:
     """Convert INPUT (.vmrs) into an ELF core at OUTPUT ("-" for standard output).
 
     The core is written to a temporary file beside OUTPUT and renamed when complete. It carries
@@ -117,7 +120,7 @@ def convert_cmd(input_path: Path, output: str, force: bool, quiet: bool, progres
     processor, and the guest kernel's own VMCOREINFO note, so `crash vmlinux OUTPUT` and
     `drgn -c OUTPUT` need no extra options.
     """
-    _run(_convert, input_path, output, force=force, quiet=quiet, progress=progress)
+    _run(_convert, input_path, output, force=force, quiet=quiet, progress=progress, exclude_zero=exclude_zero)
 
 
 def _open_sink(output: str, force: bool, input_path: Path) -> Sink:
@@ -132,14 +135,15 @@ def _open_sink(output: str, force: bool, input_path: Path) -> Sink:
     return FileSink(target, force=force)
 
 
-def _convert(input_path: Path, output: str, *, force: bool, quiet: bool, progress: bool | None) -> None:
+def _convert(input_path: Path, output: str, *, force: bool, quiet: bool, progress: bool | None,
+             exclude_zero: bool = False) -> None:
     rep = _Reporter(quiet, progress)
     with SavedState.open(input_path) as state:
         if state.dirty:
             rep.warn(f"{input_path}: the replay log holds uncommitted changes; memory may be incomplete")
         sink = _open_sink(output, force, input_path)
         try:
-            result = convert(state, sink, progress=rep.progress, warn=rep.warn)
+            result = convert(state, sink, progress=rep.progress, warn=rep.warn, exclude_zero=exclude_zero)
             sink.commit()
         except BaseException:
             sink.abort()
