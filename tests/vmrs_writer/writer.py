@@ -162,6 +162,21 @@ def _entry_flags(obj_type: int, flag_style: str) -> int:
     return 0
 
 
+def _schema_keys(keys: KeyStore, placed: list[_PlacedRange], opts: WriterOptions) -> None:
+    """The small metadata keys of vmrs-format.md section 2 (RAM data and CPU state come later)."""
+    keys.put("/savedstate/VmVersion", int_value(opts.vm_version))
+    keys.put("/configuration/properties/version", int_value(opts.vm_version))
+    if opts.saved_state_type is not None:
+        keys.put("/savedstate/type", string_value(opts.saved_state_type))
+    for index, item in enumerate(placed):
+        spec = item.spec
+        keys.put(f"/savedstate/RamMemoryBlock{index}", array_value(pack_ram_memory_block(
+            flags=spec.flags, page_count=spec.page_count, mbp_index_start=item.mbp_index_start,
+            gpa_page_start=spec.gpa_start // PAGE_SIZE, numa_node=spec.numa_node)))
+    if opts.decoy_keys:
+        _put_decoy_keys(keys)
+
+
 def write_vmrs(path: str | Path, ranges: list[RangeSpec], vps: list[VpState],
                options: WriterOptions | None = None) -> None:
     """Write a .vmrs for the given RAM ranges and VP register sets; RAM is pulled block by block."""
@@ -180,18 +195,7 @@ def write_vmrs(path: str | Path, ranges: list[RangeSpec], vps: list[VpState],
     placed = _place_ranges(ranges)
 
     keys = KeyStore(utf16_names=opts.format_version == 0x0100)
-    keys.put("/savedstate/VmVersion", int_value(opts.vm_version))
-    keys.put("/configuration/properties/version", int_value(opts.vm_version))
-    if opts.saved_state_type is not None:
-        keys.put("/savedstate/type", string_value(opts.saved_state_type))
-    for index, item in enumerate(placed):
-        spec = item.spec
-        keys.put(f"/savedstate/RamMemoryBlock{index}", array_value(pack_ram_memory_block(
-            flags=spec.flags, page_count=spec.page_count, mbp_index_start=item.mbp_index_start,
-            gpa_page_start=spec.gpa_start // PAGE_SIZE, numa_node=spec.numa_node)))
-
-    if opts.decoy_keys:
-        _put_decoy_keys(keys)
+    _schema_keys(keys, placed, opts)
     slots = opts.object_table_entries
     root_table_size = align_up(OBJECT_TABLE_HEADER.size + slots * OBJECT_ENTRY.size)
     encoder = RamBlockEncoder(opts.policy, opts.seed, opts.xpress_fraction)
@@ -217,15 +221,7 @@ def write_vmrs(path: str | Path, ranges: list[RangeSpec], vps: list[VpState],
         else:
             keys.put(PARTITION_STATE_KEY, file_object_value(len(blob), writer.append(blob, OBJ_FILE_OBJECT)))
 
-        for block, data, omit in _blocks(placed):
-            if omit and data == ZERO_BLOCK:
-                continue
-            value = encoder.encode(block, data)
-            if len(value) >= FILE_OBJECT_THRESHOLD:
-                keys.put(f"/savedstate/RamBlock{block}",
-                         file_object_value(len(value), writer.append(value, OBJ_FILE_OBJECT)))
-            else:
-                keys.put(f"/savedstate/RamBlock{block}", array_value(value))
+        _write_ram_blocks(writer, keys, placed, encoder)
 
         sequence = 2 if opts.duplicate_stale_keytable else 1
         tables = keys.build_tables(key_table_size, sequence)
@@ -243,20 +239,40 @@ def write_vmrs(path: str | Path, ranges: list[RangeSpec], vps: list[VpState],
         _write_object_tables(writer, entries, slots, root_table_size, opts.flag_style)
 
         current = HeaderFields(opts.format_version, 0, replay_offset, replay_size, REPLAY_LOG_HEADER_SIZE)
-        if opts.newer_second_header:
-            # The older copy at 0 differs visibly: it names another format version.
-            older = replace(current, format_version=0x0300 if opts.format_version != 0x0300 else 0x0400)
-            copies = [pack_file_header(older, 1), pack_file_header(current, 2)]
-        else:
-            copies = [pack_file_header(current, 2), pack_file_header(current, 1)]
-        if opts.corrupt_first_header:
-            # Highest sequence but a bad CRC, and nonsense fields: using it must visibly fail.
-            bogus = replace(current, data_version=0xBAD, replay_log_offset=0x7FFF_F000_0000)
-            copies[0] = pack_file_header(bogus, 3, corrupt_crc=True)
+        copies = _header_copies(current, opts)
         for offset, copy in zip(HEADER_COPY_OFFSETS, copies, strict=True):
             file.seek(offset)
             file.write(copy)
         file.flush()
+
+
+def _write_ram_blocks(writer: _ObjectWriter, keys: KeyStore, placed: list[_PlacedRange],
+                      encoder: RamBlockEncoder) -> None:
+    """Stream every data block: encode, then a file object (>= 2048 bytes) or an inline array."""
+    for block, data, omit in _blocks(placed):
+        if omit and data == ZERO_BLOCK:
+            continue
+        value = encoder.encode(block, data)
+        if len(value) >= FILE_OBJECT_THRESHOLD:
+            keys.put(f"/savedstate/RamBlock{block}",
+                     file_object_value(len(value), writer.append(value, OBJ_FILE_OBJECT)))
+        else:
+            keys.put(f"/savedstate/RamBlock{block}", array_value(value))
+
+
+def _header_copies(current: HeaderFields, opts: WriterOptions) -> list[bytes]:
+    """The header pages for offsets 0 and 4096."""
+    if opts.newer_second_header:
+        # The older copy at 0 differs visibly: it names another format version.
+        older = replace(current, format_version=0x0300 if opts.format_version != 0x0300 else 0x0400)
+        copies = [pack_file_header(older, 1), pack_file_header(current, 2)]
+    else:
+        copies = [pack_file_header(current, 2), pack_file_header(current, 1)]
+    if opts.corrupt_first_header:
+        # Highest sequence but a bad CRC, and nonsense fields: using it must visibly fail.
+        bogus = replace(current, data_version=0xBAD, replay_log_offset=0x7FFF_F000_0000)
+        copies[0] = pack_file_header(bogus, 3, corrupt_crc=True)
+    return copies
 
 
 def _put_decoy_keys(keys: KeyStore) -> None:
