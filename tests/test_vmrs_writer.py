@@ -611,6 +611,13 @@ def test_make_sample_vmrs(tmp_path: Path) -> None:
     assert sorted(vps) == [0, 1, 2]
 
 
+def test_make_sample_vmrs_pluggable_source(tmp_path: Path) -> None:
+    default, plugged = tmp_path / "d.vmrs", tmp_path / "p.vmrs"
+    run_script(str(default), "--size-mib", "4", "--vps", "1")
+    run_script(str(plugged), "--size-mib", "4", "--vps", "1", "--source", "tests.vmrs_writer.samples:sample_source")
+    assert default.read_bytes() == plugged.read_bytes()
+
+
 def test_make_sample_vmrs_from_raw(tmp_path: Path) -> None:
     image = varied_memory(3 * MIB, 11)
     (tmp_path / "ram.bin").write_bytes(image)

@@ -90,3 +90,8 @@ def sample_vps(count: int) -> list[VpState]:
                   "star": 0x0023001000000000, "lstar": 0xFFFFFFFF81C00080, "sfmask": 0x47700},
         ))
     return vps
+
+
+def sample_source(size_mib: int, vps: int, seed: int = 0) -> tuple[list[RangeSpec], list[VpState]]:
+    """The default source of scripts/make-sample-vmrs, in the --source MODULE:FUNCTION shape."""
+    return sample_ranges(size_mib), sample_vps(vps)
