@@ -150,8 +150,8 @@ def _convert(input_path: Path, output: str, *, force: bool, quiet: bool, progres
             raise
     k = result.selection.kernel
     if k is not None:
-        rep.say(f"guest kernel {k.osrelease}, KERNELOFFSET={k.kernel_offset or 0:#x}, "
-                f"phys_base={k.phys_base if k.phys_base is not None else 'unknown'}")
+        pb = "unknown" if k.phys_base is None else f"{k.phys_base:#x}"
+        rep.say(f"guest kernel {k.osrelease}, KERNELOFFSET={k.kernel_offset or 0:#x}, phys_base={pb}")
     rep.say(f"wrote {human_bytes(result.bytes_written)} to {sink.description}: "
             f"{len(state.vps)} CPUs, {len(result.layout.segments)} memory ranges"
             + (", VMCOREINFO from guest memory" if k else ", no VMCOREINFO"))

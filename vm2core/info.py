@@ -84,7 +84,7 @@ def describe(state: SavedState, progress: Progress | None = None, *, scan: bool 
     }
     report.update(memory_statistics(state, progress))
     if scan:
-        selection, scanned = find_kernel(state, progress)
+        selection, scanned = find_kernel(state, progress, stop_early=False)
         k = selection.kernel
         report["guest_kernel"] = None if k is None else {
             "osrelease": k.osrelease,
