@@ -1,0 +1,328 @@
+"""Output hygiene of the real CLI: identical cores on every output, no binary on a terminal, no
+clobbering, and never a half-written file under the final name (disk full, bad input found
+mid-stream, Ctrl-C); exit codes as documented in vm2core/cli.py (1 output, 2 input, 130 interrupted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pty
+import resource
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tty
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    MIB,
+    PAGE,
+    assert_one_line_error,
+    cli_command,
+    cli_env,
+    default_signals,
+    leftovers,
+    run_cli,
+)
+from tests.fixtures.synthetic_guest import SyntheticGuest
+from tests.vmrs_writer import RangeSpec, WriterOptions, write_vmrs
+from tests.vmrs_writer.ramblock import RamBlockEncoder
+from vm2core.reader.savedstate import SavedState
+
+EXIT_OUTPUT, EXIT_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Same core on every output
+# --------------------------------------------------------------------------------------------------
+
+def test_file_and_redirected_stdout_are_identical(guest_vmrs: Path, guest_core: bytes, guest: SyntheticGuest,
+                                                  workdir: Path) -> None:
+    """`vm2core IN OUT` and `vm2core IN - > OUT` (stdout a regular file) give the same bytes."""
+    assert guest.truth.note in guest_core, "reference core lacks the guest's VMCOREINFO note"
+    out = workdir / "redirected.core"
+    with open(out, "wb") as f:
+        result = run_cli(guest_vmrs, "-", "-q", stdout=f)
+    assert result.returncode == 0 and result.stderr == ""
+    assert _sha(out.read_bytes()) == _sha(guest_core)
+
+
+def test_pipe_output_is_identical(guest_vmrs: Path, guest_core: bytes) -> None:
+    """`vm2core IN - | consumer`: through a real pipe, byte for byte the file core."""
+    proc = subprocess.Popen(cli_command(guest_vmrs, "-", "-q"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=cli_env(), preexec_fn=default_signals)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and err == b""
+    assert _sha(out) == _sha(guest_core)
+
+
+def test_head_closes_the_pipe_early(guest_vmrs: Path) -> None:
+    """`vm2core IN - | head -c 1000`: head gets its bytes; vm2core ends quietly, without a traceback."""
+    script = (f"{shlex.join(cli_command(guest_vmrs, '-'))} | head -c 1000 | wc -c; "
+              "echo \"status=${PIPESTATUS[0]}\"")
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
+                          env=cli_env(), preexec_fn=default_signals)
+    lines = proc.stdout.split()
+    assert lines[0] == "1000", proc.stdout
+    status = int(lines[1].split("=")[1])
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    assert status != 0, "a truncated core must not look like success"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("vm2core: ")]
+    assert len(proc.stderr.splitlines()) == 1 and len(errors) == 1, proc.stderr
+    assert status == EXIT_OUTPUT, proc.stderr
+
+
+def test_reader_closing_pipe_mid_stream(guest_vmrs: Path) -> None:
+    """The consumer reads 5 MiB then goes away: exit 1, one line, no traceback."""
+    proc = subprocess.Popen(cli_command(guest_vmrs, "-"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=cli_env(), preexec_fn=default_signals)
+    assert proc.stdout is not None and proc.stderr is not None
+    got = 0
+    while got < 5 * MIB:
+        chunk = proc.stdout.read(min(1 << 16, 5 * MIB - got))
+        assert chunk, "output ended early"
+        got += len(chunk)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert proc.returncode == EXIT_OUTPUT, err
+    assert len(err.splitlines()) == 1 and err.startswith("vm2core: "), err
+
+
+# --------------------------------------------------------------------------------------------------
+# Terminals and existing files
+# --------------------------------------------------------------------------------------------------
+
+def test_refuses_to_write_a_core_to_a_terminal(tiny_vmrs: Path) -> None:
+    master, slave = pty.openpty()
+    try:
+        result = run_cli(tiny_vmrs, "-", stdout=slave, timeout=20)
+        os.set_blocking(master, False)
+        try:
+            leaked = os.read(master, 4096)
+        except BlockingIOError:
+            leaked = b""
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert_one_line_error(result, EXIT_OUTPUT, "terminal")
+    assert leaked == b"", "bytes reached the terminal"
+
+
+def test_force_writes_a_core_to_a_terminal(tiny_vmrs: Path, workdir: Path) -> None:
+    reference = workdir / "tiny.core"
+    assert run_cli(tiny_vmrs, reference, "-q").returncode == 0
+    master, slave = pty.openpty()
+    tty.setraw(slave)                       # no newline translation: the bytes arrive unchanged
+    received = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:                 # EIO once the child closed the slave side
+                return
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        result = run_cli(tiny_vmrs, "-", "-f", "-q", stdout=slave)
+    finally:
+        os.close(slave)
+        reader.join(timeout=30)
+        os.close(master)
+    assert result.returncode == 0, result.stderr
+    assert _sha(bytes(received)) == _sha(reference.read_bytes())
+
+
+def test_existing_output_is_not_replaced(guest_vmrs: Path, workdir: Path) -> None:
+    out = workdir / "precious.core"
+    out.write_bytes(b"precious data")
+    os.utime(out, (1_000_000_000, 1_000_000_000))
+    result = run_cli(guest_vmrs, out)
+    assert_one_line_error(result, EXIT_OUTPUT, str(out), "exists", "-f")
+    assert out.read_bytes() == b"precious data"
+    assert out.stat().st_mtime == 1_000_000_000
+    assert leftovers(workdir, out.name) == [out.name]
+
+
+def test_force_replaces_existing_output(guest_vmrs: Path, guest_core: bytes, workdir: Path) -> None:
+    out = workdir / "old.core"
+    out.write_bytes(b"old" * 1000)
+    result = run_cli(guest_vmrs, out, "-f", "-q")
+    assert result.returncode == 0 and result.stderr == ""
+    assert _sha(out.read_bytes()) == _sha(guest_core)
+    assert leftovers(workdir, out.name) == [out.name]
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_output_is_the_input(tiny_vmrs: Path, tmp_path: Path, force: bool) -> None:
+    victim = tmp_path / "same.vmrs"
+    victim.write_bytes(tiny_vmrs.read_bytes())
+    before = _sha(victim.read_bytes())
+    result = run_cli(victim, victim, *(["-f"] if force else []))
+    assert_one_line_error(result, EXIT_OUTPUT, str(victim))
+    assert _sha(victim.read_bytes()) == before
+    assert leftovers(tmp_path, victim.name) == [victim.name]
+
+
+def test_output_directory_missing(tiny_vmrs: Path, tmp_path: Path) -> None:
+    result = run_cli(tiny_vmrs, tmp_path / "no" / "such" / "dir" / "out.core")
+    assert_one_line_error(result, EXIT_OUTPUT, "out.core")
+
+
+def test_output_is_a_directory(tiny_vmrs: Path, workdir: Path) -> None:
+    result = run_cli(tiny_vmrs, workdir, "-f")
+    assert_one_line_error(result, EXIT_OUTPUT, "directory")
+    assert list(workdir.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Failures while writing
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("limit", [4096, 8 * MIB, "core-1"])
+def test_disk_full_leaves_nothing(guest_vmrs: Path, guest_core: bytes, workdir: Path, limit: int | str) -> None:
+    """File size limit (EFBIG, as ENOSPC would) at the header, mid-memory and at the very end."""
+    size = len(guest_core) - 1 if limit == "core-1" else int(limit)
+
+    def small_disk() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    result = run_cli(guest_vmrs, workdir / "out.core", preexec_fn=small_disk)
+    assert_one_line_error(result, EXIT_OUTPUT, "out.core")
+    assert leftovers(workdir, "out.core") == []
+
+
+def test_full_stdout(guest_vmrs: Path) -> None:
+    with open("/dev/full", "wb") as full:
+        result = run_cli(guest_vmrs, "-", stdout=full)
+    assert_one_line_error(result, EXIT_OUTPUT, "standard output")
+
+
+@pytest.fixture(scope="module")
+def late_bad_block_vmrs(tmp_path_factory: pytest.TempPathFactory, guest: SyntheticGuest) -> Path:
+    """The guest with data block 60 (of 64) replaced by records that do not decode."""
+    encoder = RamBlockEncoder("records", seed=1, xpress_fraction=0.05)
+
+    def encode(block: int, data: bytes) -> bytes:
+        if block == 60:
+            return b"\xff\xff\xff\xfd" + bytes(8) + (1000).to_bytes(4, "little") + b"\xff\xff\xff\xff"
+        return encoder.encode(block, data)
+
+    path = tmp_path_factory.mktemp("latebad") / "late-bad.vmrs"
+    write_vmrs(path, guest.range_specs(), guest.vps, WriterOptions(policy=encode))
+    with SavedState.open(path):             # opens fine: the damage is found while streaming
+        pass
+    return path
+
+
+def test_bad_input_found_mid_stream_to_file(late_bad_block_vmrs: Path, workdir: Path) -> None:
+    result = run_cli(late_bad_block_vmrs, workdir / "out.core")
+    assert_one_line_error(result, EXIT_INPUT, "RamBlock60", "offset 0x")
+    assert leftovers(workdir, "out.core") == []
+
+
+def test_bad_input_found_mid_stream_to_pipe(late_bad_block_vmrs: Path) -> None:
+    proc = subprocess.Popen(cli_command(late_bad_block_vmrs, "-"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=cli_env(), preexec_fn=default_signals)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_INPUT, err
+    assert len(err.splitlines()) == 1 and err.startswith(b"vm2core: ") and b"RamBlock60" in err, err
+    assert len(out) < 64 * MIB, "the core must stop short, not be padded out"
+
+
+# --------------------------------------------------------------------------------------------------
+# Ctrl-C
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def big_vmrs(tmp_path_factory: pytest.TempPathFactory, guest: SyntheticGuest) -> Path:
+    """256 MiB of raw 1 MiB blocks (non-zero, so no holes): a conversion that runs for a while."""
+    pattern = bytes(range(256)) * (MIB // 256)
+
+    def read(offset: int, length: int) -> bytes:
+        start = offset % MIB
+        return (pattern[start:] + pattern[:start]) * (length // MIB) + (pattern[start:] + pattern)[:length % MIB]
+
+    path = tmp_path_factory.mktemp("big") / "big.vmrs"
+    write_vmrs(path, [RangeSpec(0, 256 * MIB // PAGE, read)], guest.vps, WriterOptions(policy="raw-blocks"))
+    return path
+
+
+def _wait_for(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():     # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
+
+
+def test_ctrl_c_while_writing_a_file(big_vmrs: Path, workdir: Path) -> None:
+    out = workdir / "big.core"
+    proc = subprocess.Popen(cli_command(big_vmrs, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=cli_env(), preexec_fn=default_signals)
+    try:
+        def temp_growing() -> bool:
+            parts = [p for p in workdir.iterdir() if p.name.startswith(".big.core.")]
+            return bool(parts) and parts[0].stat().st_size > 16 * MIB
+
+        _wait_for(temp_growing, 30, "the temporary output to grow")
+        # Freeze the child, check it is mid-conversion, then interrupt it.
+        os.kill(proc.pid, signal.SIGSTOP)
+        assert not out.exists(), "conversion finished before the interrupt (input too small?)"
+        os.kill(proc.pid, signal.SIGINT)
+        os.kill(proc.pid, signal.SIGCONT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = err.decode()
+    assert "Traceback" not in text, text
+    assert proc.returncode == EXIT_INTERRUPTED, text
+    assert text.splitlines() == ["vm2core: interrupted"], text
+    assert leftovers(workdir, out.name) == []
+
+
+def test_ctrl_c_while_writing_a_pipe(big_vmrs: Path) -> None:
+    """The child is blocked on a full pipe when the interrupt comes."""
+    proc = subprocess.Popen(cli_command(big_vmrs, "-"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=cli_env(), preexec_fn=default_signals)
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        assert proc.stdout.read(MIB), "no output"     # now streaming memory, soon blocked
+        time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGINT)
+        drained = threading.Thread(target=lambda: proc.stdout.read() if proc.stdout else None, daemon=True)
+        drained.start()
+        err = proc.stderr.read().decode()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in err, err
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert err.splitlines() == ["vm2core: interrupted"], err
+
+
+def test_python_is_the_venv_interpreter() -> None:
+    """The CLI tests run the package under test, not some other installed vm2core."""
+    out = subprocess.run([sys.executable, "-c", "import vm2core, sys; print(vm2core.__file__)"],
+                         capture_output=True, text=True, env=cli_env(), check=True).stdout
+    assert Path(out.strip()).resolve().is_relative_to(Path(__file__).resolve().parents[1])
