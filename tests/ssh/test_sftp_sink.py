@@ -52,6 +52,21 @@ def test_upload_is_byte_identical(client_home: ClientHome, remote_dir: Path) -> 
     assert stat.S_IMODE(final.stat().st_mode) == 0o600
 
 
+def test_zero_runs_become_holes(client_home: ClientHome, remote_dir: Path) -> None:
+    final = remote_dir / "sparse.core"
+    sink = SftpSink(f"testbox:{final}", verify=True)
+    sink.write(b"head")
+    sink.write_zeros(64 << 20)
+    sink.write(b"middle")
+    sink.write_zeros(5)          # short runs are sent as bytes
+    sink.write_zeros(32 << 20)   # ends with zeros: the size must still be right
+    sink.commit()
+    expected = b"head" + bytes(64 << 20) + b"middle" + bytes(5) + bytes(32 << 20)
+    assert final.read_bytes() == expected
+    assert sink.sha256 == hashlib.sha256(expected).hexdigest() and sink.verified is True
+    assert final.stat().st_blocks * 512 < (8 << 20), "zero runs should not be allocated"
+
+
 def test_uri_form_and_options(sshd: SshServer, client_home: ClientHome, remote_dir: Path) -> None:
     client_home.config.unlink()  # only the URI and the options say where to go
     final = remote_dir / "y.core"

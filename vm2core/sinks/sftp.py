@@ -22,7 +22,7 @@ from pathlib import Path
 import paramiko
 
 from vm2core.errors import OutputError
-from vm2core.sinks.base import Sink
+from vm2core.sinks.base import ZERO_CHUNK, Sink
 from vm2core.sinks.sshtarget import DEFAULT_PORT, KnownHosts, SshSettings, SshTarget, parse_target, resolve
 
 #: Returns the answer to a prompt, or None when nobody can be asked (stdin not a terminal).
@@ -38,6 +38,8 @@ SFTP_WRITE_HEADER = 4 + 1 + 4 + 4 + 8 + 4
 CHANNEL_PACKET_SLACK = 64
 #: The smallest write request worth sending (protects against odd max packet sizes).
 MIN_WRITE_REQUEST = 4096
+#: Zero runs at least this long are skipped (written as a hole) instead of sent.
+SPARSE_MIN_RUN = 64 << 10
 #: Seconds without progress after which a connection counts as dead.
 IO_TIMEOUT = 300.0
 #: Seconds allowed for TCP connect + SSH handshake when ConnectTimeout is not set.
@@ -108,6 +110,28 @@ class SftpSink(Sink):
         self._buffer += data
         if len(self._buffer) >= WRITE_SIZE:
             self._flush()
+
+    def write_zeros(self, length: int) -> None:
+        """Long zero runs are not sent: the next write lands past them.
+
+        SFTP (draft-ietf-secsh-filexfer-02, SSH_FXP_WRITE) defines writing beyond the end
+        of a file as zero-filling the gap, so the remote file is identical, and sparse where
+        its filesystem allows.  The run's last byte is written for real, which makes the
+        file size right even when the core ends with zeros.
+        """
+        if length < SPARSE_MIN_RUN:
+            super().write_zeros(length)
+            return
+        skip = length - 1
+        if self._hash is not None:
+            zeros = memoryview(ZERO_CHUNK)
+            for done in range(0, skip, len(zeros)):
+                self._hash.update(zeros[:min(len(zeros), skip - done)])
+        self._flush()
+        assert self._file is not None, "write after commit/abort"
+        self.position += skip
+        self._file.seek(self.position)
+        self.write(b"\0")
 
     def commit(self) -> None:
         """Flush, wait for every write reply, check size (and digest), then rename."""
