@@ -222,8 +222,6 @@ def test_directory_input_in_process(tmp_path: Path) -> None:
     rejected(tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: click.Path(dir_okay=False) turns a directory INPUT into a "
-                                       "4-line click usage error without the 'vm2core: ' prefix")
 @pytest.mark.parametrize("command", ["convert", "info", "inspect"])
 def test_directory_input_cli(tmp_path: Path, command: str) -> None:
     (tmp_path / "dir.vmrs").mkdir()
@@ -243,8 +241,6 @@ def test_configuration_file_is_not_a_saved_state(tmp_path: Path) -> None:
     assert b"/configuration/properties/name" in listing.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: savedstate.py _vm_version accepts /configuration/properties/"
-                                       "version, so a real .vmcx never gets the 'not a VM saved state' hint")
 def test_configuration_file_gets_the_vmcx_hint(tmp_path: Path) -> None:
     path = tmp_path / "vm.vmcx"
     write_storage(path, {"/configuration/properties/version": int_value(0x0A00),
@@ -318,8 +314,6 @@ def test_truncated_every_4k_and_inside_structures(tiny: tuple[Path, bytes, Layou
     assert accepted == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a file truncated inside (or before) the replay log opens "
-                                       "without error (container.py _read_replay_log returns None)")
 def test_truncated_in_replay_log(tiny_unchained: Path, tmp_path: Path) -> None:
     data = tiny_unchained.read_bytes()
     lay = layout_of(tiny_unchained)
@@ -550,8 +544,6 @@ def test_bad_ramblock_records(bad_block_files: dict[str, Path], tmp_path: Path, 
     assert leftovers(tmp_path, "out.core") == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ramblock.py decode_records raises BlockError without path=, "
-                                       "so the message does not name the input file")
 @pytest.mark.parametrize("command", ["convert", "info"])
 def test_bad_ramblock_error_names_the_file(bad_block_files: dict[str, Path], tmp_path: Path,
                                            command: str) -> None:

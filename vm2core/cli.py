@@ -103,7 +103,7 @@ def main() -> None:
 
 
 @main.command("convert", epilog=EPILOG)
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @click.argument("output", metavar="OUTPUT", type=str)
 @click.option("-f", "--force", is_flag=True, help="Overwrite OUTPUT if it exists; allow a terminal as stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
@@ -158,7 +158,7 @@ def _convert(input_path: Path, output: str, *, force: bool, quiet: bool, progres
 
 
 @main.command()
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--no-scan", is_flag=True, help="Do not search guest memory for the kernel (fast).")
 @click.option("--progress/--no-progress", default=None, help="Show progress on stderr.")
@@ -226,7 +226,7 @@ def render_info(r: dict[str, Any]) -> str:
 
 
 @main.command()
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def inspect(input_path: Path, as_json: bool) -> None:
     """List every key of a HyperVStorage file (.vmrs, .vsv, .vmcx) with its type and size.

@@ -34,7 +34,7 @@ def memory_statistics(state: SavedState, progress: Progress) -> dict[str, Any]:
                 elif info.encoding == "records":
                     pieces = decode_records(state.read_block_bytes(info), decompressor=_skip_xpress,
                                             name=RAM_BLOCK_KEY.format(info.number),
-                                            file_offset=info.entry.data_offset)
+                                            file_offset=info.entry.data_offset, path=state.path)
                     zero += sum(p.length for p in slice_pieces(pieces, start, length) if isinstance(p, Zeros))
                 progress.advance(length)
     finally:

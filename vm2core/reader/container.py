@@ -148,6 +148,8 @@ class HyperVStorage:
     @classmethod
     def open(cls, path: Path | str) -> HyperVStorage:
         p = Path(path)
+        if p.is_dir():
+            raise FormatError("is a directory, not a saved-state file", path=p)
         try:
             fh = p.open("rb")
         except OSError as e:
@@ -360,8 +362,11 @@ class HyperVStorage:
 
     def _read_replay_log(self) -> ReplayLog | None:
         off, size = self.header.replay_log_offset, self.header.replay_log_size
-        if off == 0 or off + REPLAY_LOG_HEADER.size > self.file_size:
+        if off == 0:
             return None
+        if off + max(size, REPLAY_LOG_HEADER.size) > self.file_size:
+            raise self._error(f"replay log ({size} bytes at {off:#x}) lies beyond the end of the file "
+                              f"({self.file_size:#x} bytes): truncated?", "replay log", off)
         sig, _crc, count = REPLAY_LOG_HEADER.unpack(self.read_at(off, REPLAY_LOG_HEADER.size, "replay log"))
         return ReplayLog(off, size, sig == REPLAY_LOG_SIGNATURE, count if sig == REPLAY_LOG_SIGNATURE else 0)
 

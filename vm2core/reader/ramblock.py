@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 from vm2core.errors import FormatError
 from vm2core.reader.memory import PAGE_SIZE, Data, FileSpan, Piece, Zeros
@@ -41,7 +42,8 @@ def _fill(pattern: int, pages: int) -> Piece:
 
 
 def decode_records(data: bytes | memoryview, *, decompressor: Decompressor = decompress,
-                   name: str = "RamBlock", file_offset: int | None = None) -> list[Piece]:
+                   name: str = "RamBlock", file_offset: int | None = None,
+                   path: Path | str | None = None) -> list[Piece]:
     """Decode a record-encoded block into pieces totalling exactly :data:`BLOCK_SIZE` bytes.
 
     ``file_offset`` (where ``data`` starts in the input file) only serves error messages.
@@ -54,7 +56,8 @@ def decode_records(data: bytes | memoryview, *, decompressor: Decompressor = dec
 
     def fail(msg: str) -> BlockError:
         off = None if file_offset is None else file_offset + pos
-        return BlockError(f"{msg} (decoded {produced:#x} of {BLOCK_SIZE:#x} bytes)", structure=name, offset=off)
+        return BlockError(f"{msg} (decoded {produced:#x} of {BLOCK_SIZE:#x} bytes)", path=path, structure=name,
+                          offset=off)
 
     def need(n: int) -> None:
         if pos + n > size:

@@ -103,7 +103,9 @@ class SavedState:
         return FormatError(msg, path=self.path, structure=structure, offset=offset)
 
     def _vm_version(self) -> int:
-        for key in VM_VERSION_KEYS:
+        # /configuration/properties/version alone is a VM configuration (.vmcx), not a saved state.
+        keys = VM_VERSION_KEYS if self.container.get(PARTITION_STATE_KEY) is not None else VM_VERSION_KEYS[:1]
+        for key in keys:
             v = self.container.read_int(key)
             if v is not None:
                 break
@@ -226,7 +228,8 @@ class SavedState:
         if info.entry.data_size == BLOCK_SIZE:
             return raw_block(info.entry.data_offset)
         data = stored if stored is not None else self.read_block_bytes(info)
-        return decode_records(data, name=RAM_BLOCK_KEY.format(info.number), file_offset=info.entry.data_offset)
+        return decode_records(data, name=RAM_BLOCK_KEY.format(info.number), file_offset=info.entry.data_offset,
+                              path=self.path)
 
     def iter_range(self, r: MemoryRange) -> Iterator[Piece]:
         """Every byte of a range as pieces, in GPA order (single-threaded reference path)."""
