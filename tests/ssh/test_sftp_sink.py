@@ -7,6 +7,7 @@ import os
 import signal
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,35 @@ def test_remote_hint_names_the_uploaded_file(client_home: ClientHome, remote_dir
     assert hint.startswith("ssh -t testbox ")
     assert f"zstd -d {remote_dir / 'x.core.zst'} -o {remote_dir / 'x.core'}" in hint
     assert f"crash /usr/lib/debug/vmlinux {remote_dir / 'x.core'}" in hint
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs, to run the remote side out of space (needs root and mount)."""
+    mountpoint = tmp_path / "tiny"
+    mountpoint.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=False)
+
+
+@pytest.mark.parametrize("size", [3 << 20, 64 << 20])
+def test_full_remote_disk(client_home: ClientHome, tiny_disk: Path, size: int) -> None:
+    """Detected in the final replies (3 MiB: all writes still in flight) or while writing."""
+    final = tiny_disk / "x.core"
+    sink = SftpSink(f"testbox:{final}")
+    chunk = os.urandom(1 << 20)
+    with pytest.raises(OutputError) as error:
+        sent = 0
+        while sent < size:
+            sink.write(chunk)
+            sent += len(chunk)
+        sink.commit()
+    message = str(error.value)
+    assert "x.core.partial" in message and "partial file removed" in message, message
+    assert list(tiny_disk.iterdir()) == []

@@ -89,3 +89,13 @@ def test_known_hosts_policy(tmp_path: Path) -> None:
         KnownHosts(settings).check(paramiko.ECDSAKey.generate())
     with pytest.raises(OutputError, match="does not match"):
         KnownHosts(settings).check(paramiko.RSAKey.generate(2048))
+
+
+def test_bad_user_config_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "config").write_text("Host box\n  =oops\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(OutputError, match=r"cannot apply ssh config \(.*\.ssh/config\) for box"):
+        resolve(parse_target("box:/x"))
+    with pytest.raises(OutputError, match="unsupported"):
+        resolve(parse_target("box:/x"), {"Cipher": "x"}, config_files=[])

@@ -209,17 +209,25 @@ def resolve(target: SshTarget, options: Mapping[str, str] | None = None, *,
     ``accept_new`` is ``--ssh-accept-new``: StrictHostKeyChecking=accept-new unless an
     option already says otherwise.
     """
-    options = dict(options or {})
-    config = paramiko.SSHConfig()
-    preset = "".join(f"{key} {value}\n" for key, value in options.items())
-    config.parse(io.StringIO(preset))
-    files = list(config_files) if config_files is not None else [user_config_path(), system_config_path()]
-    for index, path in enumerate(files):
-        _parse_config_file(config, path, required=index == 0 and config_files is not None)
+    options = parse_ssh_options(f"{key}={value}" for key, value in (options or {}).items())
+    texts = ["".join(f"{key} {value}\n" for key, value in options.items())]
+    if config_files is None:
+        texts.append(_read_config(user_config_path(), required=False))
+        system = _read_config_quietly(system_config_path())
+    else:
+        texts += [_read_config(path, required=True) for path in config_files]
+        system = ""
     try:
-        found = config.lookup(target.host)
-    except Exception as exc:  # paramiko raises several types for unsupported Match forms
-        raise OutputError(f"cannot apply ssh config for {target.host}: {exc}") from exc
+        found = _lookup(target.host, [*texts, system])
+    except Exception as exc:  # paramiko raises several types for bad lines and unsupported Match
+        try:
+            if not system:
+                raise
+            found = _lookup(target.host, texts)  # the system config is not ours to fail on
+        except Exception:
+            where = ", ".join(str(p) for p in config_files) if config_files is not None else \
+                str(user_config_path())
+            raise OutputError(f"cannot apply ssh config ({where}) for {target.host}: {exc}") from exc
 
     hostname = found.get("hostname", target.host)
     if target.port is not None:
@@ -259,19 +267,30 @@ def resolve(target: SshTarget, options: Mapping[str, str] | None = None, *,
     )
 
 
-def _parse_config_file(config: paramiko.SSHConfig, path: Path, *, required: bool) -> None:
+def _read_config(path: Path, *, required: bool) -> str:
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        return path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         if required:
             raise OutputError(f"ssh config {path} does not exist") from None
-        return
+        return ""
     except OSError as exc:
         raise OutputError(f"cannot read ssh config {path}: {exc.strerror}") from exc
+
+
+def _read_config_quietly(path: Path) -> str:
     try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _lookup(host: str, texts: list[str]) -> paramiko.SSHConfigDict:
+    """Parse the texts in order (first value wins) and look the host up."""
+    config = paramiko.SSHConfig()
+    for text in texts:
         config.parse(io.StringIO(text))
-    except Exception as exc:
-        raise OutputError(f"cannot parse ssh config {path}: {exc}") from exc
+    return config.lookup(host)
 
 
 def _local_user() -> str:
