@@ -99,3 +99,22 @@ def test_bad_user_config_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.M
         resolve(parse_target("box:/x"))
     with pytest.raises(OutputError, match="unsupported"):
         resolve(parse_target("box:/x"), {"Cipher": "x"}, config_files=[])
+
+
+def test_no_prompt_without_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from vm2core.sinks.sftp import terminal_prompt
+    monkeypatch.setattr("sys.stdin", io.StringIO("secret\n"))
+    assert terminal_prompt("password: ") is None
+
+
+def test_strict_host_key_checking_values(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    target = parse_target("h:/x")
+    for value, expected in (("no", "accept-new"), ("ask", "yes"), ("accept-new", "accept-new"), ("yes", "yes")):
+        s = resolve(target, {"StrictHostKeyChecking": value}, accept_new=True, config_files=[empty])
+        assert s.strict_host_key_checking == expected
+    with pytest.raises(OutputError):
+        resolve(target, {"StrictHostKeyChecking": "maybe"}, config_files=[empty])
