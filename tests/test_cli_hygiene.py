@@ -5,12 +5,15 @@ mid-stream, Ctrl-C); exit codes as documented in vm2core/cli.py (1 output, 2 inp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pty
 import resource
+import select
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -191,6 +194,64 @@ def test_output_is_a_directory(tiny_vmrs: Path, workdir: Path) -> None:
     assert list(workdir.iterdir()) == []
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mknod needs root")
+@pytest.mark.xfail(strict=True, reason="BUG: FileSink (sinks/file.py) writes a temp file beside OUTPUT and "
+                                       "os.replace()s it over a device node: `-f IN /dev/null` as root "
+                                       "replaces /dev/null")
+def test_force_onto_a_device_keeps_the_device(tiny_vmrs: Path, tmp_path: Path) -> None:
+    """`vm2core -f IN /dev/null` must write into the device, never replace the node with a file."""
+    node = tmp_path / "null"
+    os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(1, 3))      # the same device as /dev/null
+    result = run_cli(tiny_vmrs, node, "-f", "-q")
+    assert stat.S_ISCHR(node.lstat().st_mode), "the device node was replaced by a regular file"
+    assert result.returncode in (0, EXIT_OUTPUT)
+    if result.returncode:
+        assert_one_line_error(result, EXIT_OUTPUT, str(node))
+    assert leftovers(tmp_path, "null") == ["null"]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: FileSink replaces an existing FIFO OUTPUT with a regular file; "
+                                       "the reader of the pipe never gets data")
+def test_force_onto_a_fifo_streams_into_it(tiny_vmrs: Path, tmp_path: Path) -> None:
+    """A named pipe as OUTPUT (e.g. `mkfifo p; zstd < p > x & vm2core -f IN p`) is written, not replaced."""
+    reference = tmp_path / "tiny.core"
+    assert run_cli(tiny_vmrs, reference, "-q").returncode == 0
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    received = bytearray()
+    proc = subprocess.Popen(cli_command(tiny_vmrs, fifo, "-f", "-q"), stderr=subprocess.PIPE, env=cli_env(),
+                            preexec_fn=default_signals)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([reader], [], [], 0.05)
+            chunk = b""
+            if readable:
+                with contextlib.suppress(BlockingIOError):
+                    chunk = os.read(reader, 1 << 16)
+                received += chunk
+            if not chunk and proc.poll() is not None:
+                break
+        _, err = proc.communicate(timeout=10)
+    finally:
+        os.close(reader)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert stat.S_ISFIFO(fifo.lstat().st_mode), "the named pipe was replaced by a regular file"
+    assert proc.returncode == 0, err
+    assert _sha(bytes(received)) == _sha(reference.read_bytes())
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: StdoutSink uses sys.stdout.buffer, but sys.stdout is None when "
+                                       "fd 1 is closed: AttributeError -> 'internal error', exit 3")
+def test_closed_stdout(tiny_vmrs: Path) -> None:
+    """`vm2core IN - >&-`: an output error (exit 1), not an internal error."""
+    result = run_cli(tiny_vmrs, "-", preexec_fn=lambda: os.close(1))
+    assert_one_line_error(result, EXIT_OUTPUT, "standard output")
+
+
 # --------------------------------------------------------------------------------------------------
 # Failures while writing
 # --------------------------------------------------------------------------------------------------
@@ -297,6 +358,32 @@ def test_ctrl_c_while_writing_a_file(big_vmrs: Path, workdir: Path) -> None:
     assert proc.returncode == EXIT_INTERRUPTED, text
     assert text.splitlines() == ["vm2core: interrupted"], text
     assert leftovers(workdir, out.name) == []
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.01, 0.03, 0.08, 0.2])
+def test_ctrl_c_at_any_moment_of_a_file_conversion(big_vmrs: Path, workdir: Path, delay: float) -> None:
+    """Interrupts from just after the output is created onwards: 130 and nothing left, or a complete core."""
+    out = workdir / "big.core"
+    proc = subprocess.Popen(cli_command(big_vmrs, out, "-q"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=cli_env(), preexec_fn=default_signals)
+    try:
+        _wait_for(lambda: any(p.name.startswith(".big.core.") for p in workdir.iterdir()) or proc.poll() is not None,
+                  30, "the temporary output")
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = err.decode()
+    assert "Traceback" not in text, text
+    if proc.returncode == 0:                 # finished before the signal landed
+        assert out.stat().st_size > 256 * MIB and leftovers(workdir, out.name) == [out.name]
+    else:
+        assert proc.returncode == EXIT_INTERRUPTED, text
+        assert text.splitlines() == ["vm2core: interrupted"], text
+        assert leftovers(workdir, out.name) == []
 
 
 def test_ctrl_c_while_writing_a_pipe(big_vmrs: Path) -> None:

@@ -58,6 +58,7 @@ CHUNK_HEADER = struct.Struct("<II8x")                # partition_state chunk: id
 DESCRIPTOR = struct.Struct("<QQQ")                   # partition_state descriptor
 PARTITION_STATE = "/savedstate/savedVM/partition_state"
 
+EXIT_INPUT = 2
 BASELINE_RSS_KIB = 150 * 1024                         # generous: the CLI idles at ~75 MiB
 
 
@@ -706,6 +707,25 @@ def test_huge_range_without_blocks_finishes(tmp_path: Path, guest: SyntheticGues
     assert result.returncode in (1, 2)
     assert_one_line_error(result, result.returncode)
     assert leftovers(tmp_path, "out.core") == []
+
+
+# Container damage: every command fails.  Saved-state damage: `inspect` (container only) still works.
+CONTAINER_DAMAGE = ["object table count 2^32-1", "chained table points back at root", "key entry size 0",
+                    "key table beyond EOF", "partition_state file object beyond EOF"]
+SAVED_STATE_DAMAGE = ["chunk length 2^32-1", "RamMemoryBlock version 7", "RamMemoryBlocks overlap"]
+
+
+@pytest.mark.parametrize("case", CONTAINER_DAMAGE + SAVED_STATE_DAMAGE)
+def test_info_and_inspect_on_hostile_files(hostile_files: dict[str, Path], case: str) -> None:
+    path = hostile_files[case]
+    for args in (["info"], ["info", "--json", "--no-scan"]):
+        assert_one_line_error(run_cli(*args, path), EXIT_INPUT, str(path))
+    listing = run_cli("inspect", path)
+    if case in CONTAINER_DAMAGE:
+        assert_one_line_error(listing, EXIT_INPUT, str(path))
+    else:
+        assert listing.returncode == 0 and listing.stderr == "", listing.stderr
+        assert b"/savedstate/RamMemoryBlock0" in listing.stdout
 
 
 def test_huge_partition_state_chunk_count(tmp_path: Path, guest: SyntheticGuest) -> None:
