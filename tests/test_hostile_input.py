@@ -703,7 +703,7 @@ def test_huge_range_without_blocks_finishes(tmp_path: Path, guest: SyntheticGues
                                                                 gpa_page_start=0, numa_node=0)
     path = tmp_path / "huge.vmrs"
     write_storage(path, keys)
-    result = run_cli(path, tmp_path / "out.core", timeout=8)
+    result = run_cli(path, tmp_path / "out.core", timeout=5)
     assert result.returncode in (1, 2)
     assert_one_line_error(result, result.returncode)
     assert leftovers(tmp_path, "out.core") == []
