@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -296,3 +298,44 @@ def test_full_remote_disk(client_home: ClientHome, tiny_disk: Path, size: int) -
     message = str(error.value)
     assert "x.core.partial" in message and "partial file removed" in message, message
     assert list(tiny_disk.iterdir()) == []
+
+
+def _config_without_identity(client_home: ClientHome, sshd: SshServer) -> None:
+    text = client_home.config.read_text()
+    text = text.replace(f"    IdentityFile {sshd.user_key}\n", "").replace("    IdentitiesOnly yes\n", "")
+    client_home.config.write_text(text)
+
+
+def test_default_key_is_used(sshd: SshServer, client_home: ClientHome, remote_dir: Path) -> None:
+    _config_without_identity(client_home, sshd)
+    with pytest.raises(OutputError, match="authentication"):
+        SftpSink(f"testbox:{remote_dir / 'x.core'}")
+    shutil.copy(sshd.user_key, client_home.ssh_dir / "id_ed25519")
+    (client_home.ssh_dir / "id_ed25519").chmod(0o600)
+    sink = SftpSink(f"testbox:{remote_dir / 'x.core'}")
+    sink.write(b"default key")
+    sink.commit()
+    assert (remote_dir / "x.core").read_bytes() == b"default key"
+
+
+@pytest.mark.skipif(shutil.which("ssh-agent") is None, reason="needs ssh-agent")
+def test_agent_key_is_used(sshd: SshServer, client_home: ClientHome, remote_dir: Path,
+                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _config_without_identity(client_home, sshd)
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        subprocess.run(["ssh-add", "-q", str(sshd.user_key)], env=env, check=True)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        sink = SftpSink(f"testbox:{remote_dir / 'x.core'}")
+        sink.write(b"agent key")
+        sink.commit()
+        assert (remote_dir / "x.core").read_bytes() == b"agent key"
+    finally:
+        agent.terminate()
+        agent.wait()
