@@ -300,6 +300,16 @@ def test_bad_input_found_mid_stream_to_file(late_bad_block_vmrs: Path, workdir: 
     assert leftovers(workdir, "out.core") == []
 
 
+def test_failed_forced_conversion_keeps_the_old_file(late_bad_block_vmrs: Path, workdir: Path) -> None:
+    """-f replaces OUTPUT only on success: a conversion that fails leaves the previous core alone."""
+    out = workdir / "previous.core"
+    out.write_bytes(b"previous core")
+    result = run_cli(late_bad_block_vmrs, out, "-f")
+    assert_one_line_error(result, EXIT_INPUT, "RamBlock60")
+    assert out.read_bytes() == b"previous core"
+    assert leftovers(workdir, out.name) == [out.name]
+
+
 def test_bad_input_found_mid_stream_to_pipe(late_bad_block_vmrs: Path) -> None:
     proc = subprocess.Popen(cli_command(late_bad_block_vmrs, "-"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=cli_env(), preexec_fn=default_signals)
@@ -385,6 +395,33 @@ def test_ctrl_c_at_any_moment_of_a_file_conversion(big_vmrs: Path, workdir: Path
         assert proc.returncode == EXIT_INTERRUPTED, text
         assert text.splitlines() == ["vm2core: interrupted"], text
         assert leftovers(workdir, out.name) == []
+
+
+def test_ctrl_c_during_info_scan(big_vmrs: Path) -> None:
+    """`vm2core info` scans all RAM (256 MiB here, no kernel in it): Ctrl-C ends it with 130, one line."""
+    proc = subprocess.Popen(cli_command("info", "--progress", big_vmrs), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=cli_env(), preexec_fn=default_signals)
+    assert proc.stderr is not None and proc.stdout is not None
+    try:
+        seen = []
+        while not seen or not seen[-1].startswith(b"searching for VMCOREINFO: 0 B"):
+            line = proc.stderr.readline()
+            assert line, f"no scan progress line: {seen}"
+            seen.append(line)
+        os.kill(proc.pid, signal.SIGSTOP)     # scanning has begun; freeze, interrupt, resume
+        assert proc.poll() is None
+        os.kill(proc.pid, signal.SIGINT)
+        os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = err.decode()
+    assert "Traceback" not in text, text
+    assert proc.returncode == EXIT_INTERRUPTED, text
+    assert [line for line in text.splitlines() if line.startswith("vm2core")] == ["vm2core: interrupted"], text
+    assert out == b""
 
 
 def test_ctrl_c_while_writing_a_pipe(big_vmrs: Path) -> None:
