@@ -403,7 +403,7 @@ def test_ctrl_c_during_info_scan(big_vmrs: Path) -> None:
                             stderr=subprocess.PIPE, env=cli_env(), preexec_fn=default_signals)
     assert proc.stderr is not None and proc.stdout is not None
     try:
-        seen = []
+        seen: list[bytes] = []
         while not seen or not seen[-1].startswith(b"searching for VMCOREINFO: 0 B"):
             line = proc.stderr.readline()
             assert line, f"no scan progress line: {seen}"
