@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,16 @@ def parse_ps(text: str) -> list[dict[str, Any]]:
         rows.append({"pid": int(fields[0]), "ppid": int(fields[1]), "cpu": int(fields[2]),
                      "task": fields[3], "state": fields[4], "comm": " ".join(fields[8:])})
     return rows
+
+
+def shows_saved_registers(block_text: str, vcpu: dict[str, Any]) -> bool:
+    """crash's block prints the vCPU's saved RIP *and* RSP as its starting frame ("RIP: ...  RSP: ...").
+
+    A bare RIP match is not enough: the same address can also appear as a stale return address on the stack.
+    """
+    regs = vcpu["regs"]
+    pattern = rf"RIP: 0*{regs['rip']:x}\s+RSP: 0*{regs['rsp']:x}\b"
+    return re.search(pattern, block_text) is not None
 
 
 def kernel_mode(vcpu: dict[str, Any]) -> bool:

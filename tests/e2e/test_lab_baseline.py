@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from scripts.lab import readers
-from tests.e2e.helpers import Capture, kernel_mode, parse_ps
+from tests.e2e.helpers import Capture, kernel_mode, parse_ps, shows_saved_registers
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +53,7 @@ def test_crash_bt_all_starts_at_each_saved_rip(qemu_crash: dict[str, str], guest
         block = blocks[vcpu["index"]]
         assert block.frames, block.text
         if kernel_mode(vcpu):
-            assert f"{vcpu['regs']['rip']:x}" in block.text, block.text
+            assert shows_saved_registers(block.text, vcpu), block.text
 
 
 def test_drgn_reads_release_tasks_and_log(qemu_drgn: dict[str, Any], guest: Capture) -> None:

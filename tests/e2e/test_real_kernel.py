@@ -18,7 +18,14 @@ from typing import Any
 import pytest
 
 from scripts.lab import capture, config, readers
-from tests.e2e.helpers import BASELINE_CRASH_COMMANDS, REPO_ROOT, Capture, kernel_mode, parse_ps
+from tests.e2e.helpers import (
+    BASELINE_CRASH_COMMANDS,
+    REPO_ROOT,
+    Capture,
+    kernel_mode,
+    parse_ps,
+    shows_saved_registers,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -184,7 +191,7 @@ def test_crash_bt_starts_at_each_saved_rip(our_crash: dict[str, str], guest: Cap
     assert sorted(blocks) == [v["index"] for v in guest.vcpus], our_crash["bt -a"]
     for vcpu in guest.vcpus:
         if kernel_mode(vcpu):
-            assert f"{vcpu['regs']['rip']:x}" in blocks[vcpu["index"]].text, blocks[vcpu["index"]].text
+            assert shows_saved_registers(blocks[vcpu["index"]].text, vcpu), blocks[vcpu["index"]].text
 
 
 # ---------------------------------------------------------------------------------------------- drgn
