@@ -124,3 +124,12 @@ def test_hashing_over_zstd_hashes_the_compressed_stream() -> None:
     zsink.write(data)
     zsink.commit()
     assert hashing.hexdigest() == hashlib.sha256(bytes(compressed.data)).hexdigest()
+
+
+def test_zstd_level_from_name_or_option() -> None:
+    from vm2core.sinks.zstd import DEFAULT_LEVEL, zstd_level
+    assert zstd_level("x.core.zst", None) == DEFAULT_LEVEL
+    assert zstd_level("/cores/X.CORE.ZSTD", None) == DEFAULT_LEVEL
+    assert zstd_level("x.core", None) is None
+    assert zstd_level(None, None) is None
+    assert zstd_level("-", 9) == 9

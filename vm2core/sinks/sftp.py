@@ -23,7 +23,15 @@ import paramiko
 
 from vm2core.errors import OutputError
 from vm2core.sinks.base import ZERO_CHUNK, Sink
-from vm2core.sinks.sshtarget import DEFAULT_PORT, KnownHosts, SshSettings, SshTarget, parse_target, resolve
+from vm2core.sinks.sshtarget import (
+    DEFAULT_PORT,
+    KnownHosts,
+    SshSettings,
+    SshTarget,
+    parse_ssh_options,
+    parse_target,
+    resolve,
+)
 
 #: Returns the answer to a prompt, or None when nobody can be asked (stdin not a terminal).
 PasswordPrompt = Callable[[str], "str | None"]
@@ -56,6 +64,14 @@ def terminal_prompt(prompt: str) -> str | None:
     if sys.stdin is None or not sys.stdin.isatty():
         return None
     return getpass.getpass(prompt)
+
+
+def open_sftp_sink(target: str, *, ssh_options: Iterable[str] = (), force: bool = False,
+                   accept_new: bool = False, verify: bool = False, interactive: bool = True) -> SftpSink:
+    """Build the sink from CLI values: ``--ssh-option`` strings as given, prompts only when
+    ``interactive`` and stdin is a terminal."""
+    return SftpSink(target, force=force, accept_new=accept_new, options=parse_ssh_options(ssh_options),
+                    verify=verify, password_prompt=terminal_prompt if interactive else None)
 
 
 class SftpSink(Sink):

@@ -18,6 +18,9 @@ from vm2core.sinks.base import Sink
 #: so all worker threads stay busy while Python overhead stays negligible.
 FEED_SIZE = 4 << 20
 _ZEROS = bytes(FEED_SIZE)
+DEFAULT_LEVEL = 3
+#: Output names that ask for compression without --zstd.
+ZSTD_SUFFIXES = (".zst", ".zstd")
 #: ZSTD_minCLevel() of libzstd: the fastest negative level.
 MIN_LEVEL = -(1 << 17)
 
@@ -32,7 +35,7 @@ class ZstdSink(Sink):
 
     seekable = False
 
-    def __init__(self, inner: Sink, level: int = 3, threads: int = -1) -> None:
+    def __init__(self, inner: Sink, level: int = DEFAULT_LEVEL, threads: int = -1) -> None:
         super().__init__()
         if not MIN_LEVEL <= level <= zstandard.MAX_COMPRESSION_LEVEL:
             raise OutputError(f"zstd level {level} is outside {MIN_LEVEL}..{zstandard.MAX_COMPRESSION_LEVEL}")
@@ -44,7 +47,10 @@ class ZstdSink(Sink):
         self._finished = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        out = self._stream.compress(data)
+        try:
+            out = self._stream.compress(data)
+        except zstandard.ZstdError as exc:
+            raise OutputError(f"zstd compression failed: {exc}") from exc
         self.position += len(data)
         if out:
             self.inner.write(out)
@@ -72,7 +78,10 @@ class ZstdSink(Sink):
         """End the frame (flushing every worker), then commit the inner sink."""
         if not self._finished:
             self._finished = True
-            tail = self._stream.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
+            try:
+                tail = self._stream.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
+            except zstandard.ZstdError as exc:
+                raise OutputError(f"zstd compression failed: {exc}") from exc
             if tail:
                 self.inner.write(tail)
         self.inner.commit()
@@ -84,3 +93,16 @@ class ZstdSink(Sink):
     @property
     def description(self) -> str:
         return f"{self.inner.description} (zstd level {self.level})"
+
+
+def zstd_level(output_name: str | None, option: int | None) -> int | None:
+    """The level to compress with, or None for no compression.
+
+    ``option`` is ``--zstd[=LEVEL]`` (None when absent; the CLI passes DEFAULT_LEVEL for a
+    bare ``--zstd``); without it, an output (file or remote path) named ``*.zst`` compresses.
+    """
+    if option is not None:
+        return option
+    if output_name and output_name.lower().endswith(ZSTD_SUFFIXES):
+        return DEFAULT_LEVEL
+    return None
