@@ -100,6 +100,16 @@ choose_kernel_release() {  # sets KERNEL_RELEASE
     if has_candidate "linux-image-$want" && has_candidate "linux-image-$want-dbg"; then
         return
     fi
+    # An earlier run already fell back to another ABI (recorded in lab.env): keep it without asking apt again.
+    local recorded=""
+    if [[ -z ${VM2CORE_LAB_KERNEL:-} && -f "$CACHE/lab.env" ]]; then
+        recorded=$(sed -n 's/^KERNEL_RELEASE=//p' "$CACHE/lab.env")
+    fi
+    if [[ -n $recorded && -s "$CACHE/kernel/$recorded/vmlinuz-$recorded" \
+          && -s "$CACHE/kernel/$recorded/vmlinux-$recorded" ]]; then
+        KERNEL_RELEASE=$recorded
+        return
+    fi
     apt_update_once
     if has_candidate "linux-image-$want" && has_candidate "linux-image-$want-dbg"; then
         return
