@@ -1,8 +1,9 @@
 """A real OpenSSH server on 127.0.0.1 for the SFTP sink tests, and a throwaway client HOME.
 
 The server runs from a temporary directory with its own host key, sshd_config and
-authorized_keys (three user keys: a normal one, one whose sessions have no PATH so
-``sha256sum`` cannot be found, and one whose PATH finds a lying ``sha256sum``).  It is
+authorized_keys (four user keys: a normal one, one whose sessions have no PATH so
+``sha256sum`` cannot be found, one whose PATH finds a lying ``sha256sum``, and one forced
+onto an sftp-server that refuses the limits and posix-rename extensions).  It is
 started with ``sshd -D -e -f CONFIG`` and stopped by pid.  Linux-only, loopback only.
 """
 
@@ -24,6 +25,7 @@ import pytest
 
 SSHD = Path("/usr/sbin/sshd")
 SSH_KEYGEN = "ssh-keygen"
+SFTP_SERVER = "/usr/lib/openssh/sftp-server"  # Debian's path; -P bans protocol requests
 
 
 @dataclass
@@ -36,6 +38,7 @@ class SshServer:
     user_key: Path        # normal login
     nosum_key: Path       # sessions get PATH=/nonexistent
     fakesum_key: Path     # sessions get a sha256sum that prints a wrong digest
+    basic_key: Path       # sessions run an sftp-server without the OpenSSH extensions
     log: Path
 
     @property
@@ -102,6 +105,7 @@ def running_sshd(root: Path) -> Iterator[SshServer]:
     user_key = _keygen(root / "id_user")
     nosum_key = _keygen(root / "id_nosum")
     fakesum_key = _keygen(root / "id_fakesum")
+    basic_key = _keygen(root / "id_basic")
     fakebin = root / "fakebin"
     fakebin.mkdir()
     liar = fakebin / "sha256sum"
@@ -110,7 +114,8 @@ def running_sshd(root: Path) -> Iterator[SshServer]:
     (root / "authorized_keys").write_text(
         (user_key.with_suffix(".pub").read_text())
         + 'environment="PATH=/nonexistent" ' + nosum_key.with_suffix(".pub").read_text()
-        + f'environment="PATH={fakebin}:/usr/bin:/bin" ' + fakesum_key.with_suffix(".pub").read_text())
+        + f'environment="PATH={fakebin}:/usr/bin:/bin" ' + fakesum_key.with_suffix(".pub").read_text()
+        + f'command="{SFTP_SERVER} -P limits,posix-rename" ' + basic_key.with_suffix(".pub").read_text())
     port = _free_port()
     config = root / "sshd_config"
     config.write_text(f"""\
@@ -136,7 +141,8 @@ LogLevel VERBOSE
     with log.open("wb") as log_file:
         process = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL,
                                    stdout=log_file, stderr=log_file)
-    server = SshServer(root, port, getpass.getuser(), process, host_key, user_key, nosum_key, fakesum_key, log)
+    server = SshServer(root, port, getpass.getuser(), process, host_key, user_key, nosum_key, fakesum_key,
+                       basic_key, log)
     try:
         deadline = time.monotonic() + 15
         while True:

@@ -339,3 +339,22 @@ def test_agent_key_is_used(sshd: SshServer, client_home: ClientHome, remote_dir:
     finally:
         agent.terminate()
         agent.wait()
+
+
+def test_server_without_openssh_extensions(sshd: SshServer, client_home: ClientHome, remote_dir: Path) -> None:
+    """No limits@openssh.com: one-packet writes; no posix-rename: --force replaces in two steps."""
+    final = remote_dir / "x.core"
+    final.write_bytes(b"old")
+    _config_without_identity(client_home, sshd)
+    sink = SftpSink(f"testbox:{final}", force=True, options={"IdentityFile": str(sshd.basic_key)})
+    assert sink._file is not None and sink._file.MAX_REQUEST_SIZE < 32768
+    sent = stream(sink, sample(), zeros=3 << 20)
+    sink.commit()
+    assert final.read_bytes() == sent
+    assert sorted(p.name for p in remote_dir.iterdir()) == ["x.core"]
+
+
+def test_large_writes_with_openssh_limits(client_home: ClientHome, remote_dir: Path) -> None:
+    sink = SftpSink(f"testbox:{remote_dir / 'x.core'}")
+    assert sink._file is not None and sink._file.MAX_REQUEST_SIZE > 4 * 32768
+    sink.abort()

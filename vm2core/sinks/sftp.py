@@ -44,6 +44,9 @@ WRITE_SIZE = 1 << 20
 SFTP_WRITE_HEADER = 4 + 1 + 4 + 4 + 8 + 4
 #: paramiko keeps each channel packet this much below the peer's maximum (channel.py).
 CHANNEL_PACKET_SLACK = 64
+#: Most SSH packets one write request may span (8 x 32 KiB stays under OpenSSH's 255 KiB).
+MAX_PACKETS_PER_WRITE = 8
+LIMITS_EXTENSION = "limits@openssh.com"
 #: The smallest write request worth sending (protects against odd max packet sizes).
 MIN_WRITE_REQUEST = 4096
 #: Zero runs at least this long are skipped (written as a hole) instead of sent.
@@ -522,14 +525,37 @@ _CONNECTION_ERRORS = (EOFError, paramiko.SSHException, socket.timeout)
 
 
 def _write_request_size(sftp: paramiko.SFTPClient, remote: paramiko.SFTPFile) -> int:
-    """Data per SSH_FXP_WRITE so that each request fits one SSH channel packet.
+    """Data per SSH_FXP_WRITE: whole SSH channel packets, as many as the server accepts.
 
     paramiko's default (32768 data bytes) overflows the 32 KiB channel packet most servers
-    allow by the request header, so every request costs a second, tiny packet.
+    allow by the request header, so every request would cost a second, tiny packet.  When
+    the server states its limits (OpenSSH), up to MAX_PACKETS_PER_WRITE packets go in one
+    request: fewer requests and replies cut the client's CPU time by about a quarter.
     """
     channel_payload = sftp.get_channel().out_max_packet_size - CHANNEL_PACKET_SLACK
     header = SFTP_WRITE_HEADER + len(remote.handle)
-    return max(MIN_WRITE_REQUEST, min(remote.MAX_REQUEST_SIZE, channel_payload - header))
+    max_write = _server_max_write(sftp)
+    if max_write is None:
+        return max(MIN_WRITE_REQUEST, min(remote.MAX_REQUEST_SIZE, channel_payload - header))
+    packets = max(1, min(MAX_PACKETS_PER_WRITE, (max_write + header) // channel_payload))
+    return max(MIN_WRITE_REQUEST, min(max_write, packets * channel_payload - header))
+
+
+def _server_max_write(sftp: paramiko.SFTPClient) -> int | None:
+    """The server's max-write-length from the limits@openssh.com extension, if it has one.
+
+    OpenSSH PROTOCOL, "sftp: Extension request limits@openssh.com": the reply holds four
+    uint64 values: max-packet-length, max-read-length, max-write-length, max-open-handles.
+    paramiko has no public call for extensions; ``_request`` is what its posix_rename uses.
+    """
+    try:
+        kind, reply = sftp._request(paramiko.sftp.CMD_EXTENDED, LIMITS_EXTENSION)
+        if kind != paramiko.sftp.CMD_EXTENDED_REPLY:
+            return None
+        _max_packet, _max_read, max_write = reply.get_int64(), reply.get_int64(), reply.get_int64()
+    except (OSError, paramiko.SSHException, EOFError):
+        return None  # not supported: SSH_FX_OP_UNSUPPORTED
+    return max_write if 0 < max_write < (1 << 31) else None
 
 
 def _exists(sftp: paramiko.SFTPClient, path: str) -> bool:
