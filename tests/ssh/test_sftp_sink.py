@@ -8,6 +8,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -358,3 +359,23 @@ def test_large_writes_with_openssh_limits(client_home: ClientHome, remote_dir: P
     sink = SftpSink(f"testbox:{remote_dir / 'x.core'}")
     assert sink._file is not None and sink._file.MAX_REQUEST_SIZE > 4 * 32768
     sink.abort()
+
+
+@pytest.mark.parametrize("delay", [0.02, 0.1, 0.3])
+def test_ctrl_c_mid_upload_cleans_up_quickly(client_home: ClientHome, remote_dir: Path, delay: float) -> None:
+    """SIGINT lands wherever the upload is (usually inside a request); abort still cleans up."""
+    final = remote_dir / "x.core"
+    sink = SftpSink(f"testbox:{final}")
+    chunk = os.urandom(4 << 20)
+    timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for _ in range(1000):
+                sink.write(chunk)
+    finally:
+        timer.cancel()
+    start = time.monotonic()
+    sink.abort()
+    assert time.monotonic() - start < 5
+    assert list(remote_dir.iterdir()) == []

@@ -53,6 +53,8 @@ MIN_WRITE_REQUEST = 4096
 SPARSE_MIN_RUN = 64 << 10
 #: Seconds without progress after which a connection counts as dead.
 IO_TIMEOUT = 300.0
+#: Seconds each clean-up request (close, remove) may take after a failure or Ctrl-C.
+CLEANUP_TIMEOUT = 10.0
 #: Seconds allowed for TCP connect + SSH handshake when ConnectTimeout is not set.
 DEFAULT_CONNECT_TIMEOUT = 30.0
 #: Lower bound of the remote hashing speed assumed when waiting for ``sha256sum``.
@@ -107,6 +109,7 @@ class SftpSink(Sink):
         self._hash = hashlib.sha256() if verify else None
         self._buffer = bytearray()
         self._done = False
+        self._sending = False
         self._file: paramiko.SFTPFile | None = None
         prompt = None if self.settings.batch_mode else password_prompt
         self._transport = _connect(self.settings, prompt, self.notes)
@@ -178,22 +181,43 @@ class SftpSink(Sink):
         """Close, remove the partial file, disconnect; say what was left behind."""
         self._done = True
         where = f"{self.settings.location(self.partial_path)}"
-        if self._file is not None:
+        sftp: paramiko.SFTPClient | None = self._sftp
+        if self._sending:
+            # Interrupted (Ctrl-C) inside a request: this channel's stream ends mid-message,
+            # so the server would wait for the rest.  The connection itself is fine.
+            self._file = None
+            sftp = self._fresh_sftp()
+        elif self._file is not None:
+            self._sftp.get_channel().settimeout(CLEANUP_TIMEOUT)
             with contextlib.suppress(Exception):  # the step that failed already said why
                 self._file.close()
             self._file = None
         left = f"{where} may remain on the server"
-        if self._connected():
+        if sftp is not None and self._transport.is_active() and not sftp.get_channel().closed:
+            sftp.get_channel().settimeout(CLEANUP_TIMEOUT)
             try:
-                self._sftp.remove(self.partial_path)
+                sftp.remove(self.partial_path)
                 left = "partial file removed"
             except FileNotFoundError:
                 left = "no partial file left"
             except Exception as exc:
-                if self._connected():
+                if self._transport.is_active() and not sftp.get_channel().closed:
                     left = f"could not remove {where}: {_reason(exc)}"
+        if sftp is not None and sftp is not self._sftp:
+            with contextlib.suppress(Exception):
+                sftp.close()
         self._close_connection()
         return left
+
+    def _fresh_sftp(self) -> paramiko.SFTPClient | None:
+        """A second SFTP channel on the same connection, for cleaning up."""
+        try:
+            channel = self._transport.open_session(timeout=CLEANUP_TIMEOUT)
+            channel.settimeout(CLEANUP_TIMEOUT)
+            channel.invoke_subsystem("sftp")
+            return paramiko.SFTPClient(channel)
+        except Exception:
+            return None
 
     def _connected(self) -> bool:
         return self._transport.is_active() and not self._sftp.get_channel().closed
@@ -251,10 +275,14 @@ class SftpSink(Sink):
 
     def _send(self, data: bytes | bytearray | memoryview) -> None:
         assert self._file is not None, "write after commit/abort"
+        self._sending = True  # stays True if a KeyboardInterrupt cuts the request short
         try:
             self._file.write(data)
         except Exception as exc:
+            # A timeout can also leave a request half sent; other errors end cleanly.
+            self._sending = isinstance(exc, socket.timeout)
             raise self._failure("upload", exc) from exc
+        self._sending = False
 
     def _finish_writes(self) -> None:
         """Collect the reply of every pipelined write before closing the file.
