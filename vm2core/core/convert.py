@@ -13,7 +13,9 @@ become holes, or with ``exclude_zero`` are left out of the core (:mod:`vm2core.c
 
 from __future__ import annotations
 
+import contextlib
 import mmap
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -23,13 +25,14 @@ from typing import BinaryIO
 from vm2core.core.layout import CoreLayout, LoadRange, plan_core
 from vm2core.core.pipeline import BlockDecoder, BlockSlice, BufferPool, Decoded, decode_in_order, slices, worker_count
 from vm2core.core.zeros import ZeroMap, zero_map
-from vm2core.errors import UnsupportedError
+from vm2core.errors import FormatError, UnsupportedError
 from vm2core.guest.vmcoreinfo import Selection, VmcoreinfoScanner, select_kernel
 from vm2core.reader.memory import Data, FileSpan, MemoryRange, Zeros
 from vm2core.reader.savedstate import SavedState
 from vm2core.sinks.base import Sink
 
 READ_CHUNK = 1 << 20
+COPY_MAX = 256 << 20          # largest single kernel copy (progress stays responsive)
 SCAN_QUEUE_DEPTH = 8          # decoded blocks waiting for the background scan (bounded memory)
 
 
@@ -79,21 +82,39 @@ def _slices(state: SavedState, loads: list[LoadRange]) -> Iterator[BlockSlice]:
 
 
 class InputWindows:
-    """Read-only views of input bytes for the scanner: an ``mmap`` window (no copy) where the
-    platform allows, else a plain read.  One window at a time, so RSS does not grow."""
+    """Input bytes for the scanner, read through a second handle on the input.
 
-    def __init__(self, src: BinaryIO, state: SavedState) -> None:
-        self._src = src
+    Its own handle keeps the kernel's readahead for the main copy undisturbed.  ``mmap`` windows
+    (no copy) where the platform allows, else reads into one reused buffer: RSS does not grow.
+    """
+
+    def __init__(self, state: SavedState) -> None:
         self._state = state
-        self._use_mmap = True
-        self._lock = threading.Lock()
+        self._file: BinaryIO | None = None
+        self._own = False
+        self._use_mmap = os.environ.get("VM2CORE_SCAN_MMAP", "1") == "1"
+        self._buffer = bytearray()
+
+    def _handle(self) -> BinaryIO:
+        if self._file is None:
+            try:
+                self._file = open(self._state.path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+                self._own = True
+            except (OSError, TypeError):         # no reopenable path: share the reader's handle
+                self._file = self._state.container.file
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None and self._own:
+            self._file.close()
+        self._file = None
 
     def scan(self, scanner: VmcoreinfoScanner, gpa: int, offset: int, length: int) -> None:
+        src = self._handle()
         if self._use_mmap:
             base = offset - offset % mmap.ALLOCATIONGRANULARITY
             try:
-                window = mmap.mmap(self._src.fileno(), offset + length - base, access=mmap.ACCESS_READ,
-                                   offset=base)
+                window = mmap.mmap(src.fileno(), offset + length - base, access=mmap.ACCESS_READ, offset=base)
             except (OSError, ValueError):
                 self._use_mmap = False
             else:
@@ -104,9 +125,14 @@ class InputWindows:
                 return
         for off in range(0, length, READ_CHUNK):
             n = min(READ_CHUNK, length - off)
-            with self._lock:
-                data = self._state.container.read_at(offset + off, n, "RAM data")
-            scanner.feed(gpa + off, data)
+            if len(self._buffer) < n:
+                self._buffer = bytearray(n)
+            src.seek(offset + off)
+            got = src.readinto(memoryview(self._buffer)[:n])  # type: ignore[attr-defined]
+            if got != n:
+                raise FormatError("input ended inside RAM data", path=self._state.path, structure="RAM data",
+                                  offset=offset + off)
+            scanner.feed_window(gpa + off, self._buffer, 0, n)
 
 
 def feed_scanner(scanner: VmcoreinfoScanner, decoded: Decoded, windows: InputWindows) -> None:
@@ -132,7 +158,7 @@ def find_kernel(state: SavedState, progress: Progress, *, stop_early: bool = Tru
     """
     loads = memory_loads(state) if loads is None else loads
     scanner = VmcoreinfoScanner()
-    windows = InputWindows(state.container.file, state)
+    windows = InputWindows(state)
     pool = BufferPool(keep=4 * (workers or worker_count()) + 4)
     decoder = BlockDecoder(state, pool)
     scanned = 0
@@ -152,6 +178,7 @@ def find_kernel(state: SavedState, progress: Progress, *, stop_early: bool = Tru
                     return selection, scanned
     finally:
         stream.close()
+        windows.close()
         progress.finish()
     return select_kernel(scanner.candidates, state, state.vps), scanned
 
@@ -189,39 +216,80 @@ class _BackgroundScan:
         """Wait for the scan to finish; re-raise its error, if any."""
         self._queue.put(None)
         self._thread.join()
+        self._windows.close()
         if self._error is not None:
             raise self._error
+
+
+class _CoalescedCopy:
+    """Joins raw spans that are adjacent in the input into one kernel copy: one large
+    ``copy_file_range``/``sendfile`` is several times cheaper than many 1 MiB ones (readahead)."""
+
+    def __init__(self, sink: Sink, src: BinaryIO) -> None:
+        self._sink = sink
+        self._src = src
+        self._offset = 0
+        self._length = 0
+
+    @property
+    def end(self) -> int:
+        """Sink position once the pending copy is done."""
+        return self._sink.position + self._length
+
+    def add(self, span: FileSpan) -> None:
+        if self._length and (span.offset != self._offset + self._length or self._length >= COPY_MAX):
+            self.flush()
+        if not self._length:
+            self._offset = span.offset
+        self._length += span.length
+
+    def flush(self) -> None:
+        if self._length:
+            self._sink.copy_from(self._src, self._offset, self._length)
+            self._length = 0
+
+
+def _hint_sequential(src: BinaryIO) -> None:
+    """Ask for a larger readahead, as cp does (POSIX only; a hint, so failures do not matter)."""
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.posix_fadvise(src.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
 
 def _stream_memory(state: SavedState, sink: Sink, layout: CoreLayout, loads: list[LoadRange],
                    progress: Progress, scanner: VmcoreinfoScanner | None, workers: int | None) -> None:
     src = state.container.file
+    _hint_sequential(src)
     pool = BufferPool(keep=4 * (workers or worker_count()) + SCAN_QUEUE_DEPTH + 4)
     decoder = BlockDecoder(state, pool)
-    background = _BackgroundScan(scanner, InputWindows(src, state), pool) if scanner is not None else None
+    background = _BackgroundScan(scanner, InputWindows(state), pool) if scanner is not None else None
     expected = iter(s for s in layout.segments if s.filesz)
     segment = None
     segment_end = 0
     progress.start("converting", sum(ld.filesz for ld in loads))
     stream = decode_in_order(decoder, _slices(state, loads), workers=workers)
+    copies = _CoalescedCopy(sink, src)
     try:
         for decoded in stream:
-            if sink.position >= segment_end:          # entering the next segment: check the plan
+            if copies.end >= segment_end:          # entering the next segment: check the plan
                 segment = next(expected)
                 segment_end = segment.offset + segment.filesz
-                assert sink.position == segment.offset and decoded.slice.gpa == segment.paddr
+                assert copies.end == segment.offset and decoded.slice.gpa == segment.paddr
             for run in decoded.runs:
+                if isinstance(run, FileSpan):
+                    copies.add(run)
+                    continue
+                copies.flush()
                 if isinstance(run, Zeros):
                     sink.write_zeros(run.length)
-                elif isinstance(run, Data):
-                    sink.write(run.data)
                 else:
-                    sink.copy_from(src, run.offset, run.length)
+                    sink.write(run.data)
             if background is not None:
                 background.submit(decoded)
             else:
                 pool.put(decoded.buffer)
             progress.advance(decoded.slice.length)
+        copies.flush()
     finally:
         stream.close()
         if background is not None:
@@ -231,12 +299,13 @@ def _stream_memory(state: SavedState, sink: Sink, layout: CoreLayout, loads: lis
 
 def convert(state: SavedState, sink: Sink, *, progress: Progress | None = None,
             warn: Callable[[str], None] = lambda _msg: None, exclude_zero: bool = False,
-            workers: int | None = None) -> ConversionResult:
+            workers: int | None = None, find_vmcoreinfo: bool = True) -> ConversionResult:
     """Write the ELF core of ``state`` to ``sink`` (the caller commits or aborts the sink).
 
     ``exclude_zero``: leave runs of >= 256 zero pages (known from fill records and missing
     blocks, without decoding) out of the file as ``p_filesz < p_memsz`` tails.
     ``workers``: decoding threads (default: one per CPU).
+    ``find_vmcoreinfo=False`` skips the search (the core then has CPU notes only; for measuring).
     """
     progress = progress or Progress()
     if state.architecture != "x86_64":
@@ -250,12 +319,12 @@ def convert(state: SavedState, sink: Sink, *, progress: Progress | None = None,
     else:
         loads = memory_loads(state)
     prescan = 0
-    if sink.seekable:
+    if sink.seekable or not find_vmcoreinfo:
         layout = plan_core(loads, vps, vmcoreinfo_note=None, reserve_vmcoreinfo=True)
         sink.write(layout.header())
-        scanner = VmcoreinfoScanner()
+        scanner = VmcoreinfoScanner() if find_vmcoreinfo else None
         _stream_memory(state, sink, layout, loads, progress, scanner, workers)
-        selection = select_kernel(scanner.candidates, state, vps)
+        selection = select_kernel(scanner.candidates if scanner else [], state, vps)
         if selection.kernel is not None:
             sink.patch(0, layout.header(selection.kernel.note))
             layout = plan_core(loads, vps, vmcoreinfo_note=selection.kernel.note, reserve_vmcoreinfo=True)

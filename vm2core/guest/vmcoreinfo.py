@@ -23,6 +23,9 @@ from .paging import AddressSpace, TranslationError
 NOTE_HEADER = struct.Struct("<III")        # n_namesz, n_descsz, n_type (u32 also in ELF64 notes)
 NOTE_NAME = b"VMCOREINFO\0"                # n_namesz = 11 ...
 NAME_FIELD = b"VMCOREINFO\0\0"             # ... padded to 4 bytes
+# What the scan looks for first: CPython's find is several times slower over zero-filled memory
+# (most of a guest) when the needle ends in NUL bytes; the padding is checked afterwards.
+SEARCH_KEY = NAME_FIELD.rstrip(b"\0")
 NOTE_TYPE = 0
 DESC_OFFSET = NOTE_HEADER.size + len(NAME_FIELD)   # 24
 DESC_PREFIX = b"OSRELEASE="                # first line written by crash_save_vmcoreinfo_init
@@ -162,16 +165,17 @@ class VmcoreinfoScanner:
 
     def _scan_chunk(self, gpa: int, buf: Searchable, start: int, end: int) -> None:
         """Signatures wholly inside ``buf[start:end]``."""
-        pos = buf.find(NAME_FIELD, start + NOTE_HEADER.size, end)
+        pos = buf.find(SEARCH_KEY, start + NOTE_HEADER.size, end)
         last_start = end - SIGNATURE_LENGTH
         while pos != -1:
             sig = pos - NOTE_HEADER.size
             if sig > last_start:
                 break                                  # completed by the next chunk's boundary scan
-            descsz = _looks_like_note(buf, sig, gpa + sig - start)
-            if descsz is not None:
-                self._add(gpa + sig - start, descsz, bytes(buf[sig:min(end, sig + DESC_OFFSET + descsz)]))
-            pos = buf.find(NAME_FIELD, pos + 1, end)
+            if buf[pos:pos + len(NAME_FIELD)] == NAME_FIELD:
+                descsz = _looks_like_note(buf, sig, gpa + sig - start)
+                if descsz is not None:
+                    self._add(gpa + sig - start, descsz, bytes(buf[sig:min(end, sig + DESC_OFFSET + descsz)]))
+            pos = buf.find(SEARCH_KEY, pos + 1, end)
 
     def _add(self, gpa: int, descsz: int, data: bytes) -> None:
         if len(self.candidates) >= self._max_candidates:
