@@ -30,9 +30,12 @@ while true; do sleep 3600; done
 """
 
 
+MARKER_PREFIX = "vm2core-lab-marker-"
+
+
 def new_marker() -> str:
     """A marker unique to one capture, so a stale log can never satisfy a test."""
-    return f"vm2core-lab-marker-{uuid.uuid4().hex}"
+    return f"{MARKER_PREFIX}{uuid.uuid4().hex}"
 
 
 def _newc_entry(name: str, mode: int, data: bytes = b"", ino: int = 0,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.lab import config
+from scripts.lab.initramfs import MARKER_PREFIX
 
 CRASH_TIMEOUT_SECONDS = 600
 DRGN_TIMEOUT_SECONDS = 300
@@ -37,8 +38,9 @@ def run_crash_each(core: str | Path, commands: list[str], cfg: config.LabConfig 
     """Run ``commands`` in one crash session; return each command's output separately.
 
     Every command's output is redirected to its own file (crash's ``cmd > file``), so outputs cannot bleed
-    into each other and startup chatter stays out. If crash fails, it is rerun with ``-d1`` and that output is
-    part of the ReaderError message (``crash -s`` can exit 1 without saying why; docs/lab.md).
+    into each other and startup chatter stays out; commands must therefore not redirect themselves. If crash
+    fails, it is rerun with ``-d1`` and that output is part of the ReaderError message (``crash -s`` can exit 1
+    without saying why; docs/lab.md).
     """
     cfg = cfg or config.load()
     core = Path(core)
@@ -72,9 +74,13 @@ def run_crash(core: str | Path, commands: list[str], cfg: config.LabConfig | Non
 
 # ---------------------------------------------------------------------------------------------- drgn
 
-def run_drgn_checks(core: str | Path, marker: str, vmcoreinfo: bytes | None = None,
+def run_drgn_checks(core: str | Path, marker: str = MARKER_PREFIX, vmcoreinfo: bytes | None = None,
                     cfg: config.LabConfig | None = None) -> dict[str, Any]:
     """Open ``core`` with drgn in a subprocess; return {"release", "tasks", "marker_found", "cpus", ...}.
+
+    ``marker_found`` is true when a kernel-log record contains ``marker`` (default: any lab marker).
+    ``cpus`` maps each online CPU to its current task's pid/comm and ``frames`` ([{"name", "pc"}], innermost
+    first) or an ``error`` string.
 
     ``vmcoreinfo`` overrides the core's (only for cores that lack the note, like QEMU's own dump here).
     """
@@ -157,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     crash_p.add_argument("commands", nargs="*", default=["sys", "log", "ps", "bt -a"])
     drgn_p = sub.add_parser("drgn", help="print drgn's view (release, tasks, marker, stacks) as JSON")
     drgn_p.add_argument("core", type=Path)
-    drgn_p.add_argument("--marker", default="vm2core-lab-marker-")
+    drgn_p.add_argument("--marker", default=MARKER_PREFIX)
     drgn_p.add_argument("--vmcoreinfo-from-ram", type=Path, default=None,
                         help="take VMCOREINFO from this RAM image (for QEMU's own dump, which lacks it)")
     args = parser.parse_args(argv)
