@@ -22,16 +22,24 @@ from scripts.lab.vmcoreinfo_scan import find_vmcoreinfo
 from tests.e2e.helpers import BASELINE_CRASH_COMMANDS, Capture
 
 
+def _unavailable(reason: str) -> None:
+    """Skip, unless the run demands the lab (scripts/test sets VM2CORE_REQUIRE_LAB=1): then fail."""
+    if os.environ.get("VM2CORE_REQUIRE_LAB"):
+        pytest.fail(f"the real-kernel lab is required but unavailable: {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def lab() -> config.LabConfig:
     if not sys.platform.startswith("linux"):
-        pytest.skip("the real-kernel lab is Linux-only")
+        _unavailable("the real-kernel lab is Linux-only")
     if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 not installed: run scripts/lab/setup.sh as root")
+        _unavailable("qemu-system-x86_64 not installed: run scripts/lab/setup.sh as root")
     try:
         return config.load()
     except config.LabNotReady as exc:
-        pytest.skip(f"real-kernel lab not set up: {exc}")
+        _unavailable(f"real-kernel lab not set up: {exc}")
+        raise
 
 
 @pytest.fixture(scope="session")
