@@ -25,6 +25,8 @@ from vm2core.progress import LogProgress, TerminalProgress, human_bytes
 from vm2core.reader.savedstate import SavedState
 from vm2core.sinks.base import Sink
 from vm2core.sinks.file import FileSink, StdoutSink
+from vm2core.sinks.hashing import HashingSink
+from vm2core.sinks.zstd import DEFAULT_LEVEL, ZSTD_SUFFIXES, ZstdSink
 
 EXIT_OK, EXIT_OUTPUT, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -104,26 +106,58 @@ def main() -> None:
 
 @main.command("convert", epilog=EPILOG)
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.argument("output", metavar="OUTPUT", type=str)
-@click.option("-f", "--force", is_flag=True, help="Overwrite OUTPUT if it exists; allow a terminal as stdout.")
+@click.argument("output", metavar="OUTPUT", type=str, required=False)
+@click.option("-f", "--force", is_flag=True,
+              help="Overwrite OUTPUT (or the remote file) if it exists; allow a terminal as stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--progress/--no-progress", default=None,
               help="Show progress on stderr (default: only when stderr is a terminal).")
 @click.option("--exclude-zero", is_flag=True,
-              help="Leave runs of >= 256 zero pages out of the core (they read as zeros in crash and drgn).")
-def convert_cmd(input_path: Path, output: str, force: bool, quiet: bool, progress: bool | None,
-                exclude_zero: bool) -> None:
-    """Convert INPUT (.vmrs) into an ELF core at OUTPUT ("-" for standard output).
+              help="Leave runs of >= 256 zero pages out of the core (split PT_LOADs, like makedumpfile -E).")
+@click.option("--zstd", "zstd_level", type=int, is_flag=False, flag_value=3, default=None, metavar="[LEVEL]",
+              help="Compress with zstd (all cores; level 3 unless given as --zstd=LEVEL). "
+                   "Implied by an OUTPUT ending in .zst.")
+@click.option("--ssh", "ssh_target", metavar="[USER@]HOST:PATH",
+              help="Upload over SFTP instead of writing a local file (also ssh://user@host:port/path).")
+@click.option("--ssh-option", "ssh_options", multiple=True, metavar="KEY=VALUE",
+              help="Like ssh -o: Port, User, IdentityFile, UserKnownHostsFile, StrictHostKeyChecking, "
+                   "ConnectTimeout... (repeatable).")
+@click.option("--ssh-accept-new", is_flag=True,
+              help="Accept and record an unknown host key (never a changed one), like OpenSSH's accept-new.")
+@click.option("--verify", is_flag=True,
+              help="With --ssh: compare a SHA-256 of the streamed bytes with the uploaded file's.")
+@click.option("--sha256", "want_sha256", is_flag=True,
+              help="Print the SHA-256 of the bytes written (and write OUTPUT.sha256 for a file).")
+def convert_cmd(input_path: Path, output: str | None, force: bool, quiet: bool, progress: bool | None,
+                exclude_zero: bool, zstd_level: int | None, ssh_target: str | None, ssh_options: tuple[str, ...],
+                ssh_accept_new: bool, verify: bool, want_sha256: bool) -> None:
+    """Convert INPUT (.vmrs) into an ELF core at OUTPUT ("-" for standard output) or on a remote host.
 
-    The core is written to a temporary file beside OUTPUT and renamed when complete. It carries
-    one PT_LOAD per guest RAM range, NT_PRSTATUS and QEMU-style CPU notes for every virtual
-    processor, and the guest kernel's own VMCOREINFO note, so `crash vmlinux OUTPUT` and
-    `drgn -c OUTPUT` need no extra options.
+    A local core is written to a temporary file beside OUTPUT and renamed when complete; an
+    upload goes to PATH.partial and is renamed when complete. The core carries one PT_LOAD per
+    guest RAM range, NT_PRSTATUS and QEMU-style CPU notes for every virtual processor, and the
+    guest kernel's own VMCOREINFO note, so `crash vmlinux OUTPUT` and `drgn -c OUTPUT` need no
+    extra options.
     """
-    _run(_convert, input_path, output, force=force, quiet=quiet, progress=progress, exclude_zero=exclude_zero)
+    if (output is None) == (ssh_target is None):
+        raise click.UsageError("give either OUTPUT or --ssh [USER@]HOST:PATH (not both)")
+    if verify and ssh_target is None:
+        raise click.UsageError("--verify checks an upload: use it with --ssh (for a local file use --sha256)")
+    if output is not None and zstd_level is None and output != "-" and output.lower().endswith(ZSTD_SUFFIXES):
+        zstd_level = DEFAULT_LEVEL
+    _run(_convert, input_path, output, force=force, quiet=quiet, progress=progress, exclude_zero=exclude_zero,
+         zstd_level=zstd_level, ssh_target=ssh_target, ssh_options=ssh_options, accept_new=ssh_accept_new,
+         verify=verify, want_sha256=want_sha256)
 
 
-def _open_sink(output: str, force: bool, input_path: Path) -> Sink:
+def _open_sink(output: str | None, force: bool, input_path: Path, ssh_target: str | None,
+               ssh_options: tuple[str, ...], accept_new: bool, verify: bool) -> Sink:
+    if ssh_target is not None:
+        from vm2core.sinks.sftp import open_sftp_sink
+
+        return open_sftp_sink(ssh_target, ssh_options=ssh_options, force=force, accept_new=accept_new,
+                              verify=verify)
+    assert output is not None
     if output == "-":
         return StdoutSink(force=force)
     target = Path(output)
@@ -135,13 +169,19 @@ def _open_sink(output: str, force: bool, input_path: Path) -> Sink:
     return FileSink(target, force=force)
 
 
-def _convert(input_path: Path, output: str, *, force: bool, quiet: bool, progress: bool | None,
-             exclude_zero: bool = False) -> None:
+def _convert(input_path: Path, output: str | None, *, force: bool, quiet: bool, progress: bool | None,
+             exclude_zero: bool, zstd_level: int | None, ssh_target: str | None, ssh_options: tuple[str, ...],
+             accept_new: bool, verify: bool, want_sha256: bool) -> None:
     rep = _Reporter(quiet, progress)
     with SavedState.open(input_path) as state:
         if state.dirty:
             rep.warn(f"{input_path}: the replay log holds uncommitted changes; memory may be incomplete")
-        sink = _open_sink(output, force, input_path)
+        base = _open_sink(output, force, input_path, ssh_target, ssh_options, accept_new, verify)
+        # The digest covers the bytes that reach the output (compressed ones with --zstd).
+        hashing = HashingSink(base) if want_sha256 else None
+        sink: Sink = hashing or base
+        if zstd_level is not None:
+            sink = ZstdSink(sink, level=zstd_level)
         try:
             result = convert(state, sink, progress=rep.progress, warn=rep.warn, exclude_zero=exclude_zero)
             sink.commit()
@@ -152,9 +192,29 @@ def _convert(input_path: Path, output: str, *, force: bool, quiet: bool, progres
     if k is not None:
         pb = "unknown" if k.phys_base is None else f"{k.phys_base:#x}"
         rep.say(f"guest kernel {k.osrelease}, KERNELOFFSET={k.kernel_offset or 0:#x}, phys_base={pb}")
-    rep.say(f"wrote {human_bytes(result.bytes_written)} to {sink.description}: "
-            f"{len(state.vps)} CPUs, {len(result.layout.segments)} memory ranges"
-            + (", VMCOREINFO from guest memory" if k else ", no VMCOREINFO"))
+    stored = base.position
+    size = human_bytes(result.bytes_written) + (f" ({human_bytes(stored)} compressed)" if zstd_level is not None
+                                                else "")
+    rep.say(f"wrote {size} to {base.description}: {len(state.vps)} CPUs, {len(result.layout.segments)} "
+            f"PT_LOAD segments" + (", VMCOREINFO from guest memory" if k else ", no VMCOREINFO"))
+    if hashing is not None:
+        digest = hashing.hexdigest()
+        click.echo(f"{digest}  {output if output not in (None, '-') else (ssh_target or '-')}", err=output == "-")
+        if output not in (None, "-"):
+            _write_digest_file(Path(str(output)), digest)
+    for note in getattr(base, "notes", []):
+        rep.say(note)
+    if ssh_target is not None:
+        rep.say(base.remote_hint(compressed=zstd_level is not None))  # type: ignore[attr-defined]
+
+
+def _write_digest_file(core: Path, digest: str) -> None:
+    """``OUTPUT.sha256`` in sha256sum's format, so ``sha256sum -c`` checks the core."""
+    target = core.with_name(core.name + ".sha256")
+    try:
+        target.write_text(f"{digest}  {core.name}\n", encoding="ascii")
+    except OSError as e:
+        raise OutputError(f"{target}: cannot write the digest: {e.strerror or e}") from None
 
 
 @main.command()
