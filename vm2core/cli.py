@@ -166,7 +166,11 @@ def _open_sink(output: str | None, force: bool, input_path: Path, ssh_target: st
             raise OutputError(f"{target}: output is the input file")
     except OSError:
         pass
-    return FileSink(target, force=force)
+    try:
+        mode = input_path.stat().st_mode & 0o666
+    except OSError:
+        mode = None
+    return FileSink(target, force=force, mode=mode)
 
 
 def _convert(input_path: Path, output: str | None, *, force: bool, quiet: bool, progress: bool | None,

@@ -31,7 +31,9 @@ class FileSink(Sink):
 
     seekable = True
 
-    def __init__(self, target: Path, *, force: bool = False) -> None:
+    def __init__(self, target: Path, *, force: bool = False, mode: int | None = None) -> None:
+        """``mode``: permission bits for the core (the CLI passes the input's, as zstd does: a
+        core holds everything the saved state holds); None keeps mkstemp's owner-only 0600."""
         super().__init__()
         self.target = target
         self.force = force
@@ -45,6 +47,9 @@ class FileSink(Sink):
         except OSError as e:
             raise OutputError(f"{target}: cannot create a file in {parent}: {e.strerror or e}") from None
         self.temp_path = Path(tmp)
+        if mode is not None:
+            with contextlib.suppress(OSError):
+                os.chmod(fd, mode) if os.chmod in os.supports_fd else os.chmod(tmp, mode)
         self._fh: io.FileIO = io.FileIO(fd, "wb", closefd=True)
         self._holes = False
         self._use_cfr = _copy_file_range_available()
