@@ -124,8 +124,12 @@ def assert_one_line_error(result: CliResult, exit_code: int, *fragments: str) ->
 
 
 def leftovers(directory: Path, name: str) -> list[str]:
-    """Files in ``directory`` that belong to output ``name`` (itself or a temporary beside it)."""
-    return sorted(p.name for p in directory.iterdir() if p.name == name or p.name.startswith(f".{name}."))
+    """Files in ``directory`` that belong to output ``name``: itself, or anything that looks like a
+    temporary beside it (whatever the naming scheme: ``.name.*``, ``name.*``, ``*.part``, ``*tmp*``)."""
+    def related(entry: str) -> bool:
+        return (entry.startswith((name, f".{name}")) or entry.endswith(".part")
+                or "tmp" in entry.lower())
+    return sorted(p.name for p in directory.iterdir() if related(p.name))
 
 
 # --------------------------------------------------------------------------------------------------
