@@ -8,6 +8,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -379,3 +380,18 @@ def test_ctrl_c_mid_upload_cleans_up_quickly(client_home: ClientHome, remote_dir
     sink.abort()
     assert time.monotonic() - start < 5
     assert list(remote_dir.iterdir()) == []
+
+
+def test_proxy_command(client_home: ClientHome, remote_dir: Path) -> None:
+    relay = Path(__file__).with_name("relay.py")
+    # The alias's HostName does not resolve: only the proxy knows the way (%h, %p expanded).
+    config = client_home.config.read_text().replace("HostName 127.0.0.1", "HostName 127.0.0.1.invalid")
+    client_home.config.write_text(config)
+    with pytest.raises(OutputError, match="resolve"):
+        SftpSink(f"testbox:{remote_dir / 'x.core'}")
+    proxy = f"{sys.executable} {relay} 127.0.0.1 %p"
+    sink = SftpSink(f"testbox:{remote_dir / 'x.core'}", options={"ProxyCommand": proxy,
+                                                                 "HostKeyAlias": "127.0.0.1"})
+    sent = stream(sink, sample(1 << 20))
+    sink.commit()
+    assert (remote_dir / "x.core").read_bytes() == sent

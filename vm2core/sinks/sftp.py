@@ -36,8 +36,8 @@ from vm2core.sinks.sshtarget import (
 #: Returns the answer to a prompt, or None when nobody can be asked (stdin not a terminal).
 PasswordPrompt = Callable[[str], "str | None"]
 
-#: Bytes coalesced before handing them to paramiko, which splits them into 32 KiB
-#: SSH_FXP_WRITE requests sent without waiting for each reply (pipelined).
+#: Bytes coalesced before handing them to paramiko, which splits them into SSH_FXP_WRITE
+#: requests (see _write_request_size) sent without waiting for each reply (pipelined).
 WRITE_SIZE = 1 << 20
 #: SSH_FXP_WRITE framing (draft-ietf-secsh-filexfer-02 6.4): uint32 length, byte type,
 #: uint32 id, string handle (uint32 + bytes), uint64 offset, string data (uint32 + bytes).
