@@ -319,6 +319,36 @@ def test_bad_input_found_mid_stream_to_pipe(late_bad_block_vmrs: Path) -> None:
     assert len(out) < 64 * MIB, "the core must stop short, not be padded out"
 
 
+OUTPUT_OPTIONS = [["--zstd"], ["--exclude-zero"], ["--sha256"], ["--zstd=1", "--sha256", "--exclude-zero"]]
+
+
+@pytest.mark.parametrize("options", OUTPUT_OPTIONS, ids=" ".join)
+def test_output_options_fail_cleanly(late_bad_block_vmrs: Path, guest_vmrs: Path, workdir: Path,
+                                     options: list[str]) -> None:
+    """Compressed, zero-excluding and hashed outputs obey the same rules: on failure nothing is left
+    (no core, no temporary, no OUTPUT.sha256)."""
+    result = run_cli(late_bad_block_vmrs, workdir / "out.core", *options)
+    assert_one_line_error(result, EXIT_INPUT, "RamBlock60")
+    assert leftovers(workdir, "out.core") == []
+
+    def small_disk() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    result = run_cli(guest_vmrs, workdir / "out.core", *options, preexec_fn=small_disk)
+    assert_one_line_error(result, EXIT_OUTPUT, "out.core")
+    assert leftovers(workdir, "out.core") == []
+
+
+def test_zstd_file_holds_the_same_core(guest_vmrs: Path, guest_core: bytes, workdir: Path) -> None:
+    import zstandard
+    out = workdir / "guest.core.zst"
+    result = run_cli(guest_vmrs, out, "-q")
+    assert result.returncode == 0 and result.stderr == ""
+    with zstandard.ZstdDecompressor().stream_reader(out.open("rb")) as reader:
+        assert _sha(reader.read()) == _sha(guest_core)
+
+
 # --------------------------------------------------------------------------------------------------
 # Ctrl-C
 # --------------------------------------------------------------------------------------------------
@@ -344,16 +374,21 @@ def _wait_for(predicate: object, timeout: float, what: str) -> None:
         time.sleep(0.001)
 
 
-def test_ctrl_c_while_writing_a_file(big_vmrs: Path, workdir: Path) -> None:
+@pytest.mark.parametrize("options", [[], ["--zstd=1", "--sha256"]], ids=" ".join)
+def test_ctrl_c_while_writing_a_file(big_vmrs: Path, workdir: Path, options: list[str]) -> None:
     out = workdir / "big.core"
-    proc = subprocess.Popen(cli_command(big_vmrs, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cli_command(big_vmrs, out, *options), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=cli_env(), preexec_fn=default_signals)
     try:
         def temp_growing() -> bool:
             parts = [p for p in workdir.iterdir() if p.name.startswith(".big.core.")]
             return bool(parts) and parts[0].stat().st_size > 16 * MIB
 
-        _wait_for(temp_growing, 30, "the temporary output to grow")
+        if options:     # a compressed temporary stays small: give the conversion a moment instead
+            _wait_for(lambda: bool(leftovers(workdir, out.name)), 30, "the temporary output")
+            time.sleep(0.1)
+        else:
+            _wait_for(temp_growing, 30, "the temporary output to grow")
         # Freeze the child, check it is mid-conversion, then interrupt it.
         os.kill(proc.pid, signal.SIGSTOP)
         assert not out.exists(), "conversion finished before the interrupt (input too small?)"
