@@ -64,10 +64,13 @@ class ZstdSink(Sink):
 
     def copy_from(self, src: BinaryIO, offset: int, length: int) -> None:
         """Read into one reused buffer (no per-chunk allocation) and compress it."""
+        if not hasattr(src, "readinto"):
+            super().copy_from(src, offset, length)
+            return
         src.seek(offset)
         view = memoryview(self._buffer)
         while length > 0:
-            got = src.readinto(view[:min(FEED_SIZE, length)])  # type: ignore[attr-defined]
+            got = src.readinto(view[:min(FEED_SIZE, length)])
             if not got:
                 raise EOFError(f"input ended at offset {offset:#x}")
             self.write(view[:got])
