@@ -395,3 +395,26 @@ def test_proxy_command(client_home: ClientHome, remote_dir: Path) -> None:
     sent = stream(sink, sample(1 << 20))
     sink.commit()
     assert (remote_dir / "x.core").read_bytes() == sent
+
+
+def test_copy_from_a_file(client_home: ClientHome, remote_dir: Path, tmp_path: Path) -> None:
+    source = tmp_path / "source.bin"
+    data = sample(5 << 20, seed=3)
+    source.write_bytes(data)
+    final = remote_dir / "x.core"
+    sink = SftpSink(f"testbox:{final}", verify=True)
+    with source.open("rb") as src:
+        sink.copy_from(src, 7, (3 << 20) + 11)
+        sink.write(b"|")
+        sink.copy_from(src, 1, 100)
+        with pytest.raises(EOFError):
+            sink.copy_from(src, len(data) - 10, 20)
+    sink.abort()
+    sink = SftpSink(f"testbox:{final}", verify=True)
+    with source.open("rb") as src:
+        sink.copy_from(src, 7, (3 << 20) + 11)
+        sink.write(b"|")
+        sink.copy_from(src, 1, 100)
+    sink.commit()
+    expected = data[7:7 + (3 << 20) + 11] + b"|" + data[1:101]
+    assert final.read_bytes() == expected and sink.verified
