@@ -382,7 +382,7 @@ def test_ctrl_c_mid_upload_cleans_up_quickly(client_home: ClientHome, remote_dir
     assert list(remote_dir.iterdir()) == []
 
 
-def test_proxy_command(client_home: ClientHome, remote_dir: Path) -> None:
+def test_proxy_command(sshd: SshServer, client_home: ClientHome, remote_dir: Path) -> None:
     relay = Path(__file__).with_name("relay.py")
     # The alias's HostName does not resolve: only the proxy knows the way (%h, %p expanded).
     config = client_home.config.read_text().replace("HostName 127.0.0.1", "HostName 127.0.0.1.invalid")
@@ -390,8 +390,10 @@ def test_proxy_command(client_home: ClientHome, remote_dir: Path) -> None:
     with pytest.raises(OutputError, match="resolve"):
         SftpSink(f"testbox:{remote_dir / 'x.core'}")
     proxy = f"{sys.executable} {relay} 127.0.0.1 %p"
+    # HostKeyAlias is used verbatim (no [host]:port), as OpenSSH does.
+    client_home.known_hosts.write_text(sshd.known_hosts_line().replace(sshd.host_key_name, "box-key"))
     sink = SftpSink(f"testbox:{remote_dir / 'x.core'}", options={"ProxyCommand": proxy,
-                                                                 "HostKeyAlias": "127.0.0.1"})
+                                                                 "HostKeyAlias": "box-key"})
     sent = stream(sink, sample(1 << 20))
     sink.commit()
     assert (remote_dir / "x.core").read_bytes() == sent

@@ -177,9 +177,11 @@ class SshSettings:
 
     @property
     def host_key_name(self) -> str:
-        """The name known_hosts files use for this server (``[host]:port`` off port 22)."""
-        name = self.host_key_alias or self.hostname
-        return name if self.port == DEFAULT_PORT else f"[{name}]:{self.port}"
+        """The name known_hosts files use for this server: HostKeyAlias verbatim, else the
+        host name, as ``[host]:port`` off port 22 (OpenSSH sshconnect.c)."""
+        if self.host_key_alias:
+            return self.host_key_alias
+        return self.hostname if self.port == DEFAULT_PORT else f"[{self.hostname}]:{self.port}"
 
     def location(self, path: str) -> str:
         """``user@host:path``, for messages about a remote file."""
