@@ -431,7 +431,9 @@ def test_ctrl_c_at_any_moment_of_a_file_conversion(big_vmrs: Path, workdir: Path
             proc.wait()
     text = err.decode()
     assert "Traceback" not in text, text
-    if proc.returncode == 0:                 # finished before the signal landed
+    if proc.returncode in (0, -signal.SIGINT):
+        # Finished before the signal landed, or it landed while the interpreter was exiting after
+        # a complete conversion (handlers are reset then; the shell reports 130 all the same).
         assert out.stat().st_size > 256 * MIB and leftovers(workdir, out.name) == [out.name]
     else:
         assert proc.returncode == EXIT_INTERRUPTED, text
