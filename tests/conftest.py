@@ -198,7 +198,7 @@ def page_mix(size: int, seed: int) -> bytes:
 
 def write_tiny_vmrs(path: Path, vps: Sequence[Any], *, policy: Any = "mixed", seed: int = 3,
                     **options: Any) -> None:
-    """Two ranges (1 MiB, and 1.5 MiB ending in a partial block), chained object tables, two key tables."""
+    """Two ranges (1 MiB, and 1.5 MiB ending in a partial block), chained object tables of 4 slots."""
     first, second = page_mix(MIB, seed), page_mix(MIB + MIB // 2, seed + 1)
     ranges = [RangeSpec(0, len(first) // PAGE, ram_from_bytes(first)),
               RangeSpec(4 * MIB, len(second) // PAGE, ram_from_bytes(second))]
