@@ -138,7 +138,7 @@ class InputWindows:
 def feed_scanner(scanner: VmcoreinfoScanner, decoded: Decoded, windows: InputWindows) -> None:
     """Show the scanner every non-zero-run byte of a decoded slice, in order, without copies."""
     gpa = decoded.slice.gpa
-    pos = 0
+    pos = decoded.base
     for run in decoded.runs:
         if isinstance(run, Data):
             assert decoded.buffer is not None

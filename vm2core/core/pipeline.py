@@ -21,6 +21,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from vm2core.core.fastdecode import Fallback, decode_into
 from vm2core.errors import FormatError
 from vm2core.reader.memory import PAGE_SIZE, Data, FileSpan, MemoryRange, Piece, Zeros
 from vm2core.reader.ramblock import BLOCK_SIZE, slice_pieces
@@ -29,7 +30,7 @@ from vm2core.reader.savedstate import RAM_BLOCK_KEY, BlockInfo, SavedState
 # Zero runs at least this long stay separate runs (a sink can make them holes); shorter ones are
 # copied into the block buffer so a block becomes one write.  Same as FileSink's hole threshold.
 ZERO_RUN_MIN = 64 << 10
-ZERO_BYTES = bytes(BLOCK_SIZE)
+ZERO_BYTES = memoryview(bytes(BLOCK_SIZE))
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Decoded:
     slice: BlockSlice
     runs: list[Piece]
     buffer: bytearray | None = None
+    base: int = 0                 # where the slice's first byte sits in ``buffer``
 
 
 class BufferPool:
@@ -140,8 +142,13 @@ class BlockDecoder:
             return self.immediate(sl)
         assert info.entry is not None
         stored = self._read(info.entry.data_offset, info.entry.data_size, RAM_BLOCK_KEY.format(info.number))
-        pieces = slice_pieces(self.state.decode_block(info, stored), sl.start, sl.length)
-        return self._flatten(sl, pieces)
+        buf = self.pool.get()
+        try:
+            zero_runs = decode_into(stored, buf, ZERO_RUN_MIN)
+        except Fallback:            # the reference decoder gives the canonical error (or result)
+            self.pool.put(buf)
+            return self._flatten(sl, slice_pieces(self.state.decode_block(info, stored), sl.start, sl.length))
+        return Decoded(sl, _window_runs(memoryview(buf), zero_runs, sl.start, sl.start + sl.length), buf, sl.start)
 
     def _flatten(self, sl: BlockSlice, pieces: Iterable[Piece]) -> Decoded:
         """Copy data and short zero runs into one buffer; keep long zero runs apart."""
@@ -158,7 +165,7 @@ class BlockDecoder:
                     runs.append(p)
                     lo = pos = pos + n
                     continue
-                view[pos:pos + n] = ZERO_BYTES[:n]
+                view[pos:pos + n] = ZERO_BYTES[:n]     # a view: no copy
             elif isinstance(p, Data):
                 view[pos:pos + n] = p.data
             else:  # a record stream never yields file spans
@@ -169,6 +176,23 @@ class BlockDecoder:
         if pos != sl.length:
             raise AssertionError(f"block {sl.info.number} decoded to {pos} bytes, expected {sl.length}")
         return Decoded(sl, runs, buf)
+
+
+def _window_runs(view: memoryview, zero_runs: list[tuple[int, int]], lo: int, hi: int) -> list[Piece]:
+    """Runs of buffer bytes ``[lo, hi)``: the long zero runs as Zeros, the rest as Data views."""
+    runs: list[Piece] = []
+    pos = lo
+    for start, length in zero_runs:
+        z_lo, z_hi = max(start, lo), min(start + length, hi)
+        if z_lo >= z_hi:
+            continue
+        if z_lo > pos:
+            runs.append(Data(view[pos:z_lo]))
+        runs.append(Zeros(z_hi - z_lo))
+        pos = z_hi
+    if pos < hi:
+        runs.append(Data(view[pos:hi]))
+    return runs
 
 
 def worker_count() -> int:
