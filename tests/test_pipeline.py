@@ -216,3 +216,15 @@ def test_fast_decoder_matches_reference(vmrs: Path, tmp_path: Path) -> None:
                     decode_into(stored[:cut], bytearray(MIB), 64 * 1024)
                 with pytest.raises(BlockError):
                     decode_records(stored[:cut])
+
+
+def test_decoding_without_pread(guest: SyntheticGuest, vmrs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Platforms without os.pread (Windows): workers read through their own locked handle."""
+    import os
+
+    monkeypatch.delattr(os, "pread")
+    with SavedState.open(vmrs) as state:
+        decoder = BlockDecoder(state, BufferPool(keep=2))
+        got = b"".join(_materialize(state, d) for d in decode_in_order(decoder, _all_slices(state), workers=3))
+        decoder.close()
+    assert got == b"".join(guest.ram.read(gpa, size) for gpa, size in guest.ram.ranges)

@@ -85,7 +85,8 @@ class InputWindows:
     """Input bytes for the scanner, read through a second handle on the input.
 
     Its own handle keeps the kernel's readahead for the main copy undisturbed.  ``mmap`` windows
-    (no copy) where the platform allows, else reads into one reused buffer: RSS does not grow.
+    (no copy; copy-on-write so the GIL-free ``memmem`` search can take them) where the platform
+    allows, else reads into one reused buffer: RSS does not grow.
     """
 
     def __init__(self, state: SavedState) -> None:
@@ -114,7 +115,7 @@ class InputWindows:
         if self._use_mmap:
             base = offset - offset % mmap.ALLOCATIONGRANULARITY
             try:
-                window = mmap.mmap(src.fileno(), offset + length - base, access=mmap.ACCESS_READ, offset=base)
+                window = mmap.mmap(src.fileno(), offset + length - base, access=mmap.ACCESS_COPY, offset=base)
             except (OSError, ValueError):
                 self._use_mmap = False
             else:
@@ -178,6 +179,7 @@ def find_kernel(state: SavedState, progress: Progress, *, stop_early: bool = Tru
                     return selection, scanned
     finally:
         stream.close()
+        decoder.close()
         windows.close()
         progress.finish()
     return select_kernel(scanner.candidates, state, state.vps), scanned
@@ -292,6 +294,7 @@ def _stream_memory(state: SavedState, sink: Sink, layout: CoreLayout, loads: lis
         copies.flush()
     finally:
         stream.close()
+        decoder.close()
         if background is not None:
             background.close()
         progress.finish()

@@ -17,9 +17,10 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from vm2core.core.fastdecode import Fallback, decode_into
 from vm2core.errors import FormatError
@@ -92,30 +93,52 @@ def slices(state: SavedState, r: MemoryRange, gpa: int, length: int) -> Iterator
         data += n
 
 
-def _stored_reader(state: SavedState) -> Callable[[int, int, str], bytes]:
-    """Thread-safe positional read of a block's stored bytes (one read per block)."""
-    src = state.container.file
-    if hasattr(os, "pread"):
-        fd = src.fileno()
+class StoredReader:
+    """Thread-safe positional reads of blocks' stored bytes (one read per block).
 
-        def pread(offset: int, size: int, name: str) -> bytes:
-            data = os.pread(fd, size, offset)
-            while len(data) < size:          # short reads are legal; EOF is not
-                more = os.pread(fd, size - len(data), offset + len(data))
+    ``os.pread`` where it exists; elsewhere (Windows) a second handle on the input behind a lock,
+    so the workers never move the file position the writer's own copies rely on.
+    """
+
+    def __init__(self, state: SavedState) -> None:
+        self._state = state
+        self._fd = state.container.file.fileno() if hasattr(os, "pread") else None
+        self._lock = threading.Lock()
+        self._handle: BinaryIO | None = None
+        self._own = False
+
+    def read(self, offset: int, size: int, name: str) -> bytes:
+        if self._fd is not None:
+            data = os.pread(self._fd, size, offset)
+            while 0 < len(data) < size:          # short reads are legal; EOF is not
+                more = os.pread(self._fd, size - len(data), offset + len(data))
                 if not more:
-                    raise FormatError("input ended inside a RAM block", path=state.path, structure=name,
-                                      offset=offset)
+                    break
                 data += more
-            return data
+        else:
+            with self._lock:
+                handle = self._open()
+                handle.seek(offset)
+                data = handle.read(size)
+        if len(data) != size:
+            raise FormatError("input ended inside a RAM block", path=self._state.path, structure=name,
+                              offset=offset)
+        return data
 
-        return pread
-    lock = threading.Lock()
+    def _open(self) -> BinaryIO:
+        if self._handle is None:
+            try:
+                self._handle = open(self._state.path, "rb")  # noqa: SIM115 - closed by close()
+                self._own = True
+            except (OSError, TypeError):
+                self._handle = self._state.container.file
+        return self._handle
 
-    def locked_read(offset: int, size: int, name: str) -> bytes:
-        with lock:
-            return state.container.read_at(offset, size, name)
-
-    return locked_read
+    def close(self) -> None:
+        with self._lock:
+            if self._handle is not None and self._own:
+                self._handle.close()
+            self._handle = None
 
 
 class BlockDecoder:
@@ -124,7 +147,10 @@ class BlockDecoder:
     def __init__(self, state: SavedState, pool: BufferPool) -> None:
         self.state = state
         self.pool = pool
-        self._read = _stored_reader(state)
+        self._reader = StoredReader(state)
+
+    def close(self) -> None:
+        self._reader.close()
 
     @staticmethod
     def needs_work(sl: BlockSlice) -> bool:
@@ -141,7 +167,7 @@ class BlockDecoder:
         if not self.needs_work(sl):
             return self.immediate(sl)
         assert info.entry is not None
-        stored = self._read(info.entry.data_offset, info.entry.data_size, RAM_BLOCK_KEY.format(info.number))
+        stored = self._reader.read(info.entry.data_offset, info.entry.data_size, RAM_BLOCK_KEY.format(info.number))
         buf = self.pool.get()
         try:
             zero_runs = decode_into(stored, buf, ZERO_RUN_MIN)

@@ -17,6 +17,7 @@ from mmap import mmap
 
 from ..reader.cpu import VpState
 from ..reader.memory import PAGE_SIZE, MemoryRange, NotInMemory, PhysicalMemory
+from ._memmem import find
 from .paging import AddressSpace, TranslationError
 
 # --- The note as the kernel builds it (linux kernel/vmcore_info.c: update_vmcoreinfo_note) ------------------
@@ -165,7 +166,7 @@ class VmcoreinfoScanner:
 
     def _scan_chunk(self, gpa: int, buf: Searchable, start: int, end: int) -> None:
         """Signatures wholly inside ``buf[start:end]``."""
-        pos = buf.find(SEARCH_KEY, start + NOTE_HEADER.size, end)
+        pos = find(buf, SEARCH_KEY, start + NOTE_HEADER.size, end)
         last_start = end - SIGNATURE_LENGTH
         while pos != -1:
             sig = pos - NOTE_HEADER.size
@@ -175,7 +176,7 @@ class VmcoreinfoScanner:
                 descsz = _looks_like_note(buf, sig, gpa + sig - start)
                 if descsz is not None:
                     self._add(gpa + sig - start, descsz, bytes(buf[sig:min(end, sig + DESC_OFFSET + descsz)]))
-            pos = buf.find(SEARCH_KEY, pos + 1, end)
+            pos = find(buf, SEARCH_KEY, pos + 1, end)
 
     def _add(self, gpa: int, descsz: int, data: bytes) -> None:
         if len(self.candidates) >= self._max_candidates:
