@@ -286,8 +286,9 @@ def _stream_memory(state: SavedState, sink: Sink, layout: CoreLayout, loads: lis
                     sink.write_zeros(run.length)
                 else:
                     sink.write(run.data)
-            if background is not None:
-                background.submit(decoded)
+            if background is not None and (decoded.buffer is not None
+                                           or not isinstance(decoded.runs[0], Zeros)):
+                background.submit(decoded)       # (the scanner skips zero runs: nothing to send)
             else:
                 pool.put(decoded.buffer)
             progress.advance(decoded.slice.length)
