@@ -24,7 +24,7 @@ from vm2core.errors import OutputError, Vm2coreError
 from vm2core.progress import LogProgress, TerminalProgress, human_bytes
 from vm2core.reader.savedstate import SavedState
 from vm2core.sinks.base import Sink
-from vm2core.sinks.file import FileSink, StdoutSink
+from vm2core.sinks.file import StdoutSink, open_output, remove_pending_outputs
 from vm2core.sinks.hashing import HashingSink
 from vm2core.sinks.zstd import DEFAULT_LEVEL, ZSTD_SUFFIXES, ZstdSink
 
@@ -71,6 +71,7 @@ def _run(func: Any, *args: Any, **kwargs: Any) -> None:
         _err(str(e))
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
+        remove_pending_outputs()
         _err("interrupted")
         sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
@@ -170,7 +171,7 @@ def _open_sink(output: str | None, force: bool, input_path: Path, ssh_target: st
         mode = input_path.stat().st_mode & 0o666
     except OSError:
         mode = None
-    return FileSink(target, force=force, mode=mode)
+    return open_output(target, force=force, mode=mode)
 
 
 def _convert(input_path: Path, output: str | None, *, force: bool, quiet: bool, progress: bool | None,

@@ -395,11 +395,13 @@ class HyperVStorage:
         if entry.type not in (KEY_INT, KEY_UINT, KEY_BOOL):
             raise self._error(f"{path} is a {entry.type_name}, expected an integer", "key value",
                               entry.data_offset)
-        raw = self.read_bytes(entry, 8)
+        # Fixed-size values carry no length: the entry may also hold table slack after them.
+        width = 4 if entry.type == KEY_BOOL else 8
+        if entry.data_size < width:
+            raise self._error(f"{path}: integer value truncated", "key value", entry.data_offset)
+        raw = self.read_at(entry.data_offset, width, f"value of {path}")
         if entry.type == KEY_BOOL:
             return int.from_bytes(raw[:4], "little", signed=True)
-        if len(raw) < 8:
-            raise self._error(f"{path}: integer value truncated", "key value", entry.data_offset)
         return int.from_bytes(raw[:8], "little", signed=entry.type == KEY_INT)
 
     def read_string(self, path: str) -> str | None:

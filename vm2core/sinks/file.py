@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import secrets
+import stat
 import sys
-import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
@@ -22,8 +23,38 @@ COPY_CHUNK = 8 << 20
 HOLE_MIN = 64 << 10          # shorter zero runs are written, not skipped
 
 
+#: Temporary outputs that exist right now, so an interrupt at any moment can remove them.
+_PENDING: set[Path] = set()
+
+
+def remove_pending_outputs() -> None:
+    """Remove every temporary output still on disk (the CLI calls this on Ctrl-C)."""
+    for path in list(_PENDING):
+        with contextlib.suppress(OSError):
+            path.unlink()
+        _PENDING.discard(path)
+
+
 def _copy_file_range_available() -> bool:
     return hasattr(os, "copy_file_range")
+
+
+def open_output(target: Path, *, force: bool = False, mode: int | None = None) -> Sink:
+    """The sink for an OUTPUT path: a temp-file-and-rename :class:`FileSink` for a regular file,
+    or, with ``force``, a plain stream into an existing FIFO or device (never replaced by a file)."""
+    try:
+        st = target.stat()
+    except OSError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+        if not force:
+            raise OutputError(f"{target}: already exists (use -f to write into it)")
+        try:
+            fd = os.open(target, os.O_WRONLY | getattr(os, "O_BINARY", 0))
+        except OSError as e:
+            raise OutputError(f"{target}: cannot open: {e.strerror or e}") from None
+        return StreamSink(fd, str(target), owns_fd=True)
+    return FileSink(target, force=force, mode=mode)
 
 
 class FileSink(Sink):
@@ -42,14 +73,19 @@ class FileSink(Sink):
         if target.exists() and not force:
             raise OutputError(f"{target}: already exists (use -f to overwrite)")
         parent = target.parent if str(target.parent) else Path(".")
+        # The name is known (and registered) before the file exists, so an interrupt at any
+        # instant can still find and remove it.
+        self.temp_path = parent / f".{target.name}.{secrets.token_hex(4)}.part"
+        _PENDING.add(self.temp_path)
         try:
-            fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.", suffix=".part")
+            fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                         0o600 if mode is None else mode)
         except OSError as e:
+            _PENDING.discard(self.temp_path)
             raise OutputError(f"{target}: cannot create a file in {parent}: {e.strerror or e}") from None
-        self.temp_path = Path(tmp)
-        if mode is not None:
+        if mode is not None:  # exact bits, whatever the umask
             with contextlib.suppress(OSError):
-                os.chmod(fd, mode) if os.chmod in os.supports_fd else os.chmod(tmp, mode)
+                os.chmod(self.temp_path, mode)
         self._fh: io.FileIO = io.FileIO(fd, "wb", closefd=True)
         self._holes = False
         self._use_cfr = _copy_file_range_available()
@@ -120,6 +156,7 @@ class FileSink(Sink):
             if not self.force and self.target.exists():
                 raise OutputError(f"{self.target}: appeared while converting (use -f to overwrite)")
             os.replace(self.temp_path, self.target)
+            _PENDING.discard(self.temp_path)
             self._done = True
         except OSError as e:
             raise self._fail(e) from None
@@ -131,39 +168,35 @@ class FileSink(Sink):
             self._fh.close()
         with contextlib.suppress(OSError):
             self.temp_path.unlink()
+        _PENDING.discard(self.temp_path)
         self._done = True
 
 
-class StdoutSink(Sink):
-    """Raw writes to file descriptor 1 (no Python buffering, so zero-copy calls can interleave)."""
+class StreamSink(Sink):
+    """Raw writes to a file descriptor that cannot seek: a pipe, a FIFO, a device.
+
+    No Python-level buffering, so zero-copy calls (sendfile) can interleave with writes.
+    """
 
     seekable = False
 
-    def __init__(self, *, force: bool = False, stream: BinaryIO | None = None) -> None:
+    def __init__(self, fd: int, description: str, *, owns_fd: bool = False) -> None:
         super().__init__()
-        out = stream if stream is not None else sys.stdout.buffer
-        try:
-            self._fd = out.fileno()
-        except (OSError, ValueError, AttributeError):
-            raise OutputError("standard output is not a file descriptor") from None
-        if os.isatty(self._fd) and not force:
-            raise OutputError("refusing to write a core to a terminal (redirect stdout, or use -f)")
-        if sys.platform == "win32":  # pragma: no cover - Windows only
-            import msvcrt
-            msvcrt.setmode(self._fd, os.O_BINARY)
-        with contextlib.suppress(OSError, ValueError):
-            out.flush()
+        self._fd = fd
+        self._description = description
+        self._owns_fd = owns_fd
         self._sendfile = hasattr(os, "sendfile")
 
     @property
     def description(self) -> str:
-        return "standard output"
+        return self._description
 
     def _fail(self, e: OSError) -> OutputError:
         if isinstance(e, BrokenPipeError):
-            _silence_stdout()
-            return OutputError("standard output was closed before the core was complete (broken pipe)")
-        return OutputError(f"writing to standard output failed: {e.strerror or e}")
+            if self._fd == 1:
+                _silence_stdout()
+            return OutputError(f"{self._description} was closed before the core was complete (broken pipe)")
+        return OutputError(f"writing to {self._description} failed: {e.strerror or e}")
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -193,15 +226,46 @@ class StdoutSink(Sink):
         super().copy_from(src, offset, length)
 
     def commit(self) -> None:
-        pass
+        if self._owns_fd:
+            try:
+                os.close(self._fd)
+            except OSError as e:
+                raise self._fail(e) from None
+            self._owns_fd = False
 
     def abort(self) -> None:
-        pass
+        if self._owns_fd:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._owns_fd = False
+
+
+class StdoutSink(StreamSink):
+    """Standard output, refusing a terminal unless forced (like zstd)."""
+
+    def __init__(self, *, force: bool = False, stream: BinaryIO | None = None) -> None:
+        if stream is None:
+            if sys.stdout is None:
+                raise OutputError("standard output is closed")
+            stream = sys.stdout.buffer
+        try:
+            fd = stream.fileno()
+            os.fstat(fd)
+        except (OSError, ValueError, AttributeError):
+            raise OutputError("standard output is closed or not a file descriptor") from None
+        if os.isatty(fd) and not force:
+            raise OutputError("refusing to write a core to a terminal (redirect stdout, or use -f)")
+        if sys.platform == "win32":  # pragma: no cover - Windows only
+            import msvcrt
+            msvcrt.setmode(fd, os.O_BINARY)
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+        super().__init__(fd, "standard output")
 
 
 def _silence_stdout() -> None:
     """After EPIPE, point fd 1 at the null device so the interpreter's exit flush stays quiet."""
     with contextlib.suppress(OSError):
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, 1)
         os.close(devnull)
