@@ -18,6 +18,7 @@ import pytest
 
 from tests.ssh.conftest import ClientHome, SshServer
 from vm2core.errors import OutputError
+from vm2core.sinks.base import InputEnded
 from vm2core.sinks.sftp import SftpSink
 from vm2core.sinks.zstd import ZstdSink
 
@@ -409,7 +410,7 @@ def test_copy_from_a_file(client_home: ClientHome, remote_dir: Path, tmp_path: P
         sink.copy_from(src, 7, (3 << 20) + 11)
         sink.write(b"|")
         sink.copy_from(src, 1, 100)
-        with pytest.raises(EOFError):
+        with pytest.raises(InputEnded):
             sink.copy_from(src, len(data) - 10, 20)
     sink.abort()
     sink = SftpSink(f"testbox:{final}", verify=True)

@@ -29,7 +29,7 @@ from vm2core.errors import FormatError, UnsupportedError
 from vm2core.guest.vmcoreinfo import Selection, VmcoreinfoScanner, select_kernel
 from vm2core.reader.memory import Data, FileSpan, MemoryRange, Zeros
 from vm2core.reader.savedstate import SavedState
-from vm2core.sinks.base import Sink
+from vm2core.sinks.base import InputEnded, Sink
 
 READ_CHUNK = 1 << 20
 COPY_MAX = 256 << 20          # largest single kernel copy (progress stays responsive)
@@ -247,7 +247,12 @@ class _CoalescedCopy:
 
     def flush(self) -> None:
         if self._length:
-            self._sink.copy_from(self._src, self._offset, self._length)
+            try:
+                self._sink.copy_from(self._src, self._offset, self._length)
+            except InputEnded as e:
+                raise FormatError("the file ended inside RAM data (truncated, or changed while converting?)",
+                                  path=getattr(self._src, "name", None), structure="RAM data",
+                                  offset=e.offset) from None
             self._length = 0
 
 

@@ -13,6 +13,15 @@ from typing import BinaryIO
 ZERO_CHUNK = bytes(1 << 20)
 
 
+class InputEnded(Exception):
+    """``copy_from`` found the input shorter than the saved state said (truncated or changed
+    while converting).  An input problem, not an output one: the converter reports it as such."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(f"input ended at offset {offset:#x}")
+        self.offset = offset
+
+
 class Sink(abc.ABC):
     """Sequential byte sink.  ``position`` is the number of bytes written so far."""
 
@@ -40,7 +49,7 @@ class Sink(abc.ABC):
         while length > 0:
             data = src.read(min(chunk, length))
             if not data:
-                raise EOFError(f"input ended at offset {offset:#x}")
+                raise InputEnded(offset)
             self.write(data)
             offset += len(data)
             length -= len(data)

@@ -23,7 +23,7 @@ from typing import BinaryIO
 import paramiko
 
 from vm2core.errors import OutputError
-from vm2core.sinks.base import ZERO_CHUNK, Sink
+from vm2core.sinks.base import ZERO_CHUNK, InputEnded, Sink
 from vm2core.sinks.sshtarget import (
     DEFAULT_PORT,
     KnownHosts,
@@ -145,7 +145,7 @@ class SftpSink(Sink):
         while length > 0:
             got = src.readinto(view[:min(len(view), length)])
             if not got:
-                raise EOFError(f"input ended at offset {offset:#x}")
+                raise InputEnded(offset)
             self.write(view[:got])
             offset += got
             length -= got

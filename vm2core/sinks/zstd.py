@@ -12,7 +12,7 @@ from typing import BinaryIO
 import zstandard
 
 from vm2core.errors import OutputError
-from vm2core.sinks.base import Sink
+from vm2core.sinks.base import InputEnded, Sink
 
 #: Uncompressed bytes handed to the compressor per call: several zstd jobs at level 3,
 #: so all worker threads stay busy while Python overhead stays negligible.
@@ -72,7 +72,7 @@ class ZstdSink(Sink):
         while length > 0:
             got = src.readinto(view[:min(FEED_SIZE, length)])
             if not got:
-                raise EOFError(f"input ended at offset {offset:#x}")
+                raise InputEnded(offset)
             self.write(view[:got])
             offset += got
             length -= got
