@@ -14,7 +14,7 @@ import secrets
 import stat
 import sys
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from vm2core.errors import OutputError
 from vm2core.sinks.base import InputEnded, Sink
@@ -186,7 +186,6 @@ class StreamSink(Sink):
         self._description = description
         self._owns_fd = owns_fd
         self._sendfile = hasattr(os, "sendfile")
-        _widen_pipe(self._fd)
 
     @property
     def description(self) -> str:
@@ -262,27 +261,6 @@ class StdoutSink(StreamSink):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
         super().__init__(fd, "standard output")
-
-
-PIPE_SIZE = 1 << 20         # Linux pipes default to 64 KiB: 16x fewer wake-ups per MiB of core
-
-
-def _widen_pipe(fd: int) -> None:
-    """Ask for a larger pipe buffer when stdout is a pipe (Linux only; a hint, so errors are ignored)."""
-    if not hasattr(fcntl_module(), "F_SETPIPE_SZ"):
-        return
-    with contextlib.suppress(OSError, ValueError):
-        if stat.S_ISFIFO(os.fstat(fd).st_mode):
-            fcntl_module().fcntl(fd, fcntl_module().F_SETPIPE_SZ, PIPE_SIZE)
-
-
-def fcntl_module() -> Any:
-    """``fcntl`` where it exists (not on Windows)."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    return fcntl
 
 
 def _silence_stdout() -> None:
