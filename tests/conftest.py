@@ -6,6 +6,7 @@ exit code, output, stderr and peak RSS, so the tests see exactly what a user see
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import signal
@@ -55,7 +56,7 @@ class CliResult:
     returncode: int
     stdout: bytes
     stderr: str
-    maxrss_kib: int          # peak resident set size of the child (ru_maxrss, KiB on Linux)
+    peak_rss_kib: int        # the program's peak RSS (VmHWM) when run with measure_rss, else -1
 
     @property
     def stderr_lines(self) -> list[str]:
@@ -79,11 +80,33 @@ def cli_command(*args: str | os.PathLike[str]) -> list[str]:
     return [sys.executable, "-m", "vm2core", *map(str, args)]
 
 
+# `python -m vm2core` that writes its peak RSS on exit.  The kernel's ru_maxrss of a child also
+# counts the forking parent's memory (pytest, large after many tests), so the child reports the
+# high-water mark of its own post-exec address space instead (VmHWM, Linux).
+_RSS_WRAPPER = """
+import atexit, os, runpy
+def _report():
+    with open("/proc/self/status") as f:
+        peak = next(line for line in f if line.startswith("VmHWM:")).split()[1]
+    with open(os.environ["VM2CORE_TEST_RSS_FILE"], "w") as out:
+        out.write(peak)
+atexit.register(_report)
+runpy.run_module("vm2core", run_name="__main__", alter_sys=True)
+"""
+
+
 def run_cli(*args: str | os.PathLike[str], stdout: int | IO[Any] | None = None, stdin: int | IO[Any] | None = None,
             preexec_fn: Callable[[], None] | None = None, timeout: float = 60.0,
-            cwd: Path | None = None) -> CliResult:
+            cwd: Path | None = None, measure_rss: bool = False) -> CliResult:
     """Run ``vm2core ARGS``; stdout is captured unless a file/descriptor is given."""
     cmd = cli_command(*args)
+    env = cli_env()
+    rss_file = None
+    if measure_rss:
+        fd, rss_file = tempfile.mkstemp(prefix="vm2core-rss-")
+        os.close(fd)
+        env["VM2CORE_TEST_RSS_FILE"] = rss_file
+        cmd = [sys.executable, "-c", _RSS_WRAPPER, *cmd[3:]]
 
     def pre() -> None:
         default_signals()
@@ -93,18 +116,22 @@ def run_cli(*args: str | os.PathLike[str], stdout: int | IO[Any] | None = None, 
     with tempfile.TemporaryFile() as out_capture, tempfile.TemporaryFile() as err_capture:
         proc = subprocess.Popen(cmd, stdout=out_capture if stdout is None else stdout,
                                 stderr=err_capture, stdin=subprocess.DEVNULL if stdin is None else stdin,
-                                preexec_fn=pre, env=cli_env(), cwd=cwd or REPO)
+                                preexec_fn=pre, env=env, cwd=cwd or REPO)
         killer = threading.Timer(timeout, proc.kill)
         killer.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            _, status = os.waitpid(proc.pid, 0)
         finally:
             killer.cancel()
         proc.returncode = os.waitstatus_to_exitcode(status)
         out_capture.seek(0)
         err_capture.seek(0)
+        peak = -1
+        if rss_file is not None:
+            peak = int(Path(rss_file).read_text() or -1)
+            os.unlink(rss_file)
         result = CliResult(cmd, proc.returncode, out_capture.read(),
-                           err_capture.read().decode("utf-8", "replace"), usage.ru_maxrss)
+                           err_capture.read().decode("utf-8", "replace"), peak)
     assert result.returncode != -signal.SIGKILL, f"{cmd} did not finish within {timeout} s"
     return result
 
@@ -264,14 +291,32 @@ def guest_vmrs(tmp_path_factory: pytest.TempPathFactory, guest: SyntheticGuest) 
     return path
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CoreFile:
+    """A reference core on disk (kept out of the test process's memory)."""
+
+    path: Path
+    sha256: str
+    size: int
+
+
 @pytest.fixture(scope="session")
-def guest_core(tmp_path_factory: pytest.TempPathFactory, guest_vmrs: Path) -> bytes:
+def guest_core(tmp_path_factory: pytest.TempPathFactory, guest_vmrs: Path, guest: SyntheticGuest) -> CoreFile:
     """The core the CLI writes for ``guest_vmrs`` to a regular file (the reference for other outputs)."""
     out = tmp_path_factory.mktemp("reference") / "guest.core"
     result = run_cli(guest_vmrs, out, "-q")
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-    return out.read_bytes()
+    assert guest.truth.note in out.read_bytes(), "reference core lacks the guest's VMCOREINFO note"
+    return CoreFile(out, file_sha256(out), out.stat().st_size)
 
 
 @pytest.fixture(scope="session")
