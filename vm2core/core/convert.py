@@ -31,7 +31,8 @@ from vm2core.reader.savedstate import BlockInfo, SavedState
 from vm2core.sinks.base import InputEnded, Sink
 
 READ_CHUNK = 1 << 20
-COPY_MAX = 256 << 20          # largest single kernel copy (progress stays responsive)
+COPY_MAX = 64 << 20           # largest single kernel copy: big enough for readahead, small enough
+                              # that the search of the last one (not overlapped) stays short
 SCAN_QUEUE_DEPTH = 8          # decoded blocks waiting for the background scan (bounded memory)
 
 
