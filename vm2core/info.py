@@ -27,7 +27,7 @@ def memory_statistics(state: SavedState, progress: Progress) -> dict[str, Any]:
     try:
         for r in state.ranges:
             for info, start, length in state.blocks_of(r):
-                encodings[info.encoding] += 1
+                encodings[info.encoding] += info.count
                 stored += info.stored_size
                 if info.entry is None:
                     zero += length

@@ -140,11 +140,6 @@ def raw_block(file_offset: int) -> list[Piece]:
     return [FileSpan(file_offset, BLOCK_SIZE)]
 
 
-def zero_block() -> list[Piece]:
-    """A missing RamBlock key means never-touched RAM [RE: VMkatz]."""
-    return [Zeros(BLOCK_SIZE)]
-
-
 def slice_pieces(pieces: Iterable[Piece], start: int, length: int) -> Iterator[Piece]:
     """The sub-range ``[start, start + length)`` of a piece sequence."""
     pos = 0

@@ -9,6 +9,7 @@ the legacy .vsv + .bin pair) only has to offer the same few members.
 from __future__ import annotations
 
 import struct
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,16 +19,14 @@ from pathlib import Path
 from vm2core.errors import FormatError, UnsupportedError
 from vm2core.reader.container import KEY_ARRAY, HyperVStorage, KeyEntry
 from vm2core.reader.cpu import VpState
-from vm2core.reader.memory import PAGE_SIZE, MemoryRange, NotInMemory, Piece
+from vm2core.reader.memory import PAGE_SIZE, MemoryRange, NotInMemory, Piece, Zeros
 from vm2core.reader.partition_state import PartitionState, parse_partition_state
 from vm2core.reader.ramblock import (
     BLOCK_SIZE,
-    PAGES_PER_BLOCK,
     decode_records,
     materialize,
     raw_block,
     slice_pieces,
-    zero_block,
 )
 
 # [FMT] Appendix A: keys of VMs with version > 5.0.
@@ -51,10 +50,15 @@ BLOCK_CACHE_SIZE = 8
 
 @dataclass(frozen=True)
 class BlockInfo:
-    """Where one RamBlock's data lives and how it is encoded (known without decoding)."""
+    """Where one RamBlock's data lives and how it is encoded (known without decoding).
+
+    A missing block (never-touched RAM) may stand for a run of ``count`` consecutive missing
+    blocks, so sparse guests cost one step per run, not one per MiB.
+    """
 
     number: int
     entry: KeyEntry | None
+    count: int = 1
 
     @property
     def encoding(self) -> str:
@@ -77,6 +81,7 @@ class SavedState:
         self.saved_state_type = container.read_string(SAVED_STATE_TYPE_KEY)
         self.partition = self._partition_state()
         self.ranges = self._memory_ranges()
+        self._present_blocks = self._index_blocks()
         self._cache: OrderedDict[int, list[Piece]] = OrderedDict()
 
     @classmethod
@@ -195,6 +200,23 @@ class SavedState:
 
     # --- RAM blocks -----------------------------------------------------------------------
 
+    def _index_blocks(self) -> list[int]:
+        """Sorted numbers of the RamBlock keys present (one pass over the key names)."""
+        prefix = RAM_BLOCK_KEY.format("")
+        numbers = []
+        for path in self.container.keys:
+            if path.startswith(prefix) and path[len(prefix):].isdigit():
+                numbers.append(int(path[len(prefix):]))
+        numbers.sort()
+        return numbers
+
+    def missing_run(self, number: int) -> int:
+        """How many consecutive RamBlocks from ``number`` on are missing (0 if it is present)."""
+        i = bisect_left(self._present_blocks, number)
+        if i < len(self._present_blocks):
+            return self._present_blocks[i] - number
+        return MAX_GPA // BLOCK_SIZE
+
     def block_info(self, number: int) -> BlockInfo:
         entry = self.container.get(RAM_BLOCK_KEY.format(number))
         if entry is not None:
@@ -206,15 +228,23 @@ class SavedState:
         return BlockInfo(number, entry)
 
     def blocks_of(self, r: MemoryRange) -> Iterator[tuple[BlockInfo, int, int]]:
-        """(block, first byte used, bytes used) for each data block of a range, in GPA order."""
-        first_page = r.mbp_index_start
-        end_page = first_page + r.page_count
-        block = first_page // PAGES_PER_BLOCK
-        while block * PAGES_PER_BLOCK < end_page:
-            lo = max(first_page, block * PAGES_PER_BLOCK)
-            hi = min(end_page, (block + 1) * PAGES_PER_BLOCK)
-            yield self.block_info(block), (lo - block * PAGES_PER_BLOCK) * PAGE_SIZE, (hi - lo) * PAGE_SIZE
-            block += 1
+        """(block, first byte used, bytes used) for the data blocks of a range, in GPA order.
+
+        A run of missing blocks comes as one BlockInfo with ``count`` > 1 and a length to match.
+        """
+        pos = r.mbp_index_start * PAGE_SIZE
+        end = pos + r.size
+        while pos < end:
+            block, start = divmod(pos, BLOCK_SIZE)
+            missing = self.missing_run(block)
+            if missing:
+                n = min(missing * BLOCK_SIZE - start, end - pos)
+                count = (start + n + BLOCK_SIZE - 1) // BLOCK_SIZE
+                yield BlockInfo(block, None, count), start, n
+            else:
+                n = min(BLOCK_SIZE - start, end - pos)
+                yield self.block_info(block), start, n
+            pos += n
 
     def read_block_bytes(self, info: BlockInfo) -> bytes:
         assert info.entry is not None
@@ -224,7 +254,7 @@ class SavedState:
     def decode_block(self, info: BlockInfo, stored: bytes | None = None) -> list[Piece]:
         """Pieces of one block (exactly 1 MiB).  ``stored`` may carry already-read record bytes."""
         if info.entry is None:
-            return zero_block()
+            return [Zeros(BLOCK_SIZE * info.count)]
         if info.entry.data_size == BLOCK_SIZE:
             return raw_block(info.entry.data_offset)
         data = stored if stored is not None else self.read_block_bytes(info)
