@@ -252,3 +252,30 @@ def test_raw_blocks_scanned_behind_coalesced_copies(guest: SyntheticGuest, tmp_p
         if seekable:
             assert result.selection.kernel.note_gpa == guest.truth.note_gpa
     assert cores[0] == cores[1]
+
+
+def test_stream_sink_zero_runs_into_a_pipe() -> None:
+    """Zero runs into a pipe (spliced from /dev/zero on Linux): exact bytes, exact position."""
+    import os
+
+    from vm2core.sinks.file import StreamSink
+
+    r, w = os.pipe()
+    got = bytearray()
+
+    def drain() -> None:
+        while chunk := os.read(r, 1 << 20):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    sink = StreamSink(w, "test pipe", owns_fd=True)
+    sink.write(b"head")
+    sink.write_zeros(5 * MIB + 123)
+    sink.write(b"tail")
+    sink.write_zeros(100)
+    sink.commit()
+    reader.join()
+    os.close(r)
+    assert sink.position == len(got) == 4 + 5 * MIB + 123 + 4 + 100
+    assert bytes(got) == b"head" + bytes(5 * MIB + 123) + b"tail" + bytes(100)

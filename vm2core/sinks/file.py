@@ -21,6 +21,7 @@ from vm2core.sinks.base import InputEnded, Sink
 
 COPY_CHUNK = 8 << 20
 HOLE_MIN = 64 << 10          # shorter zero runs are written, not skipped
+ZERO_SPLICE_MIN = 64 << 10   # shorter zero runs are written, not spliced
 
 
 #: Temporary outputs that exist right now, so an interrupt at any moment can remove them.
@@ -186,10 +187,37 @@ class StreamSink(Sink):
         self._description = description
         self._owns_fd = owns_fd
         self._sendfile = hasattr(os, "sendfile")
+        self._zero_fd: int | None = None
+        self._splice_zeros = hasattr(os, "splice")
 
     @property
     def description(self) -> str:
         return self._description
+
+    def write_zeros(self, length: int) -> None:
+        """Zero runs are spliced from /dev/zero where the kernel allows it (Linux, into a pipe):
+        no user-space buffer to fill the pipe from.  Anything else writes a zero buffer."""
+        if self._splice_zeros and length >= ZERO_SPLICE_MIN:
+            try:
+                if self._zero_fd is None:
+                    self._zero_fd = os.open("/dev/zero", os.O_RDONLY)
+                while length > 0:
+                    n = os.splice(self._zero_fd, self._fd, min(length, 1 << 30))
+                    if n <= 0:
+                        break
+                    self.position += n
+                    length -= n
+            except BrokenPipeError as e:
+                raise self._fail(e) from None
+            except OSError:          # not a pipe, no /dev/zero, no splice support: write instead
+                self._splice_zeros = False
+        super().write_zeros(length)
+
+    def _close_zero_fd(self) -> None:
+        if self._zero_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._zero_fd)
+            self._zero_fd = None
 
     def _fail(self, e: OSError) -> OutputError:
         if isinstance(e, BrokenPipeError):
@@ -226,6 +254,7 @@ class StreamSink(Sink):
         super().copy_from(src, offset, length)
 
     def commit(self) -> None:
+        self._close_zero_fd()
         if self._owns_fd:
             try:
                 os.close(self._fd)
@@ -234,6 +263,7 @@ class StreamSink(Sink):
             self._owns_fd = False
 
     def abort(self) -> None:
+        self._close_zero_fd()
         if self._owns_fd:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
