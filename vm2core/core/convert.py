@@ -3,8 +3,9 @@
 The VMCOREINFO note must sit in the notes, before guest memory, yet it is only found by
 reading guest memory.  On a seekable sink the notes area is reserved, memory is streamed and
 scanned in the same pass (the scan runs on its own thread, over the bytes already on their way
-out), and the note is patched in at the end: guest memory is read once.  On a pipe a cheaper
-first pass scans memory (stopping at the first note that validates) before the header is written.
+out: :mod:`vm2core.core.scanning`), and the note is patched in at the end: guest memory is read
+once.  On a pipe a cheaper first pass scans memory (stopping at the first note that validates)
+before the header is written.
 
 Record-encoded blocks are decoded on a thread pool in order (:mod:`vm2core.core.pipeline`); raw
 blocks are copied by the kernel where it can (``copy_file_range``/``sendfile``); long zero runs
@@ -13,27 +14,22 @@ become holes, or with ``exclude_zero`` are left out of the core (:mod:`vm2core.c
 
 from __future__ import annotations
 
-import contextlib
-import os
-import queue
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from vm2core.core.layout import CoreLayout, LoadRange, plan_core
-from vm2core.core.pipeline import BlockDecoder, BlockSlice, BufferPool, Decoded, decode_in_order, slices, worker_count
+from vm2core.core.pipeline import BlockDecoder, BlockSlice, BufferPool, decode_in_order, slices, worker_count
+from vm2core.core.scanning import SCAN_QUEUE_DEPTH, BackgroundScan, InputWindows, feed_scanner, hint_sequential
 from vm2core.core.zeros import ZeroMap, zero_map
 from vm2core.errors import FormatError, UnsupportedError
 from vm2core.guest.vmcoreinfo import Selection, VmcoreinfoScanner, select_kernel
 from vm2core.reader.memory import Data, FileSpan, MemoryRange, Zeros
-from vm2core.reader.savedstate import BlockInfo, SavedState
+from vm2core.reader.savedstate import SavedState
 from vm2core.sinks.base import InputEnded, Sink
 
-READ_CHUNK = 1 << 20
 COPY_MAX = 64 << 20           # largest single kernel copy: big enough for readahead, small enough
                               # that the search of the last one (not overlapped) stays short
-SCAN_QUEUE_DEPTH = 8          # decoded blocks waiting for the background scan (bounded memory)
 
 
 class Progress:
@@ -81,64 +77,6 @@ def _slices(state: SavedState, loads: list[LoadRange]) -> Iterator[BlockSlice]:
         yield from slices(state, r, gpa, length)
 
 
-class InputWindows:
-    """Input bytes for the scanner: read through a second handle on the input into one reused
-    buffer (so RSS does not grow), then searched in place without the GIL.
-
-    Its own handle, with a sequential-readahead hint, reads ahead efficiently on a cold cache and
-    leaves the readahead of the writer's kernel copies undisturbed; the copy then finds the data
-    in the page cache.  (An ``mmap`` window per block was measured slower: its page faults make
-    small readahead requests.)
-    """
-
-    def __init__(self, state: SavedState) -> None:
-        self._state = state
-        self._file: BinaryIO | None = None
-        self._own = False
-        self._buffer = bytearray(READ_CHUNK)
-
-    def _handle(self) -> BinaryIO:
-        if self._file is None:
-            try:
-                self._file = open(self._state.path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
-                self._own = True
-                _hint_sequential(self._file)
-            except (OSError, TypeError):         # no reopenable path: share the reader's handle
-                self._file = self._state.container.file
-        return self._file
-
-    def close(self) -> None:
-        if self._file is not None and self._own:
-            self._file.close()
-        self._file = None
-
-    def scan(self, scanner: VmcoreinfoScanner, gpa: int, offset: int, length: int) -> None:
-        src = self._handle()
-        view = memoryview(self._buffer)
-        for off in range(0, length, READ_CHUNK):
-            n = min(READ_CHUNK, length - off)
-            src.seek(offset + off)
-            got = src.readinto(view[:n])  # type: ignore[attr-defined]
-            if got != n:
-                raise FormatError("input ended inside RAM data", path=self._state.path, structure="RAM data",
-                                  offset=offset + off)
-            scanner.feed_window(gpa + off, self._buffer, 0, n)
-
-
-def feed_scanner(scanner: VmcoreinfoScanner, decoded: Decoded, windows: InputWindows) -> None:
-    """Show the scanner every non-zero-run byte of a decoded slice, in order, without copies."""
-    gpa = decoded.slice.gpa
-    pos = decoded.base
-    for run in decoded.runs:
-        if isinstance(run, Data):
-            assert decoded.buffer is not None
-            scanner.feed_window(gpa, decoded.buffer, pos, pos + run.length)
-        elif isinstance(run, FileSpan):
-            windows.scan(scanner, gpa, run.offset, run.length)
-        gpa += run.length
-        pos += run.length
-
-
 def find_kernel(state: SavedState, progress: Progress, *, stop_early: bool = True,
                 loads: list[LoadRange] | None = None, workers: int | None = None) -> tuple[Selection, int]:
     """Scan guest memory (the file parts of ``loads``) for the VMCOREINFO note.
@@ -172,49 +110,6 @@ def find_kernel(state: SavedState, progress: Progress, *, stop_early: bool = Tru
         windows.close()
         progress.finish()
     return select_kernel(scanner.candidates, state, state.vps), scanned
-
-
-class _BackgroundScan:
-    """Feeds the scanner, in order, on its own thread: the search overlaps the writes and the
-    kernel-side copies (which release the GIL) instead of adding to them."""
-
-    def __init__(self, scanner: VmcoreinfoScanner, windows: InputWindows, pool: BufferPool) -> None:
-        self._scanner = scanner
-        self._windows = windows
-        self._pool = pool
-        self._queue: queue.Queue[Decoded | None] = queue.Queue(SCAN_QUEUE_DEPTH)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="vm2core-scan", daemon=True)
-        self._thread.start()
-
-    def submit(self, decoded: Decoded) -> None:
-        self._queue.put(decoded)
-
-    def submit_span(self, gpa: int, offset: int, length: int) -> None:
-        """Raw input bytes (already copied to the output, so in the page cache) at ``gpa``."""
-        span = BlockSlice(gpa, BlockInfo(-1, None), 0, length)
-        self._queue.put(Decoded(span, [FileSpan(offset, length)]))
-
-    def _run(self) -> None:
-        while True:
-            decoded = self._queue.get()
-            if decoded is None:
-                return
-            try:
-                if self._error is None:
-                    feed_scanner(self._scanner, decoded, self._windows)
-            except BaseException as e:  # handed to the main thread by close()
-                self._error = e
-            finally:
-                self._pool.put(decoded.buffer)
-
-    def close(self) -> None:
-        """Wait for the scan to finish; re-raise its error, if any."""
-        self._queue.put(None)
-        self._thread.join()
-        self._windows.close()
-        if self._error is not None:
-            raise self._error
 
 
 class _CoalescedCopy:
@@ -260,20 +155,13 @@ class _CoalescedCopy:
                 self._copied(self._gpa, self._offset, length)
 
 
-def _hint_sequential(src: BinaryIO) -> None:
-    """Ask for a larger readahead, as cp does (POSIX only; a hint, so failures do not matter)."""
-    if hasattr(os, "posix_fadvise"):
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            os.posix_fadvise(src.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-
-
 def _stream_memory(state: SavedState, sink: Sink, layout: CoreLayout, loads: list[LoadRange],
                    progress: Progress, scanner: VmcoreinfoScanner | None, workers: int | None) -> None:
     src = state.container.file
-    _hint_sequential(src)
+    hint_sequential(src)
     pool = BufferPool(keep=4 * (workers or worker_count()) + SCAN_QUEUE_DEPTH + 4)
     decoder = BlockDecoder(state, pool)
-    background = _BackgroundScan(scanner, InputWindows(state), pool) if scanner is not None else None
+    background = BackgroundScan(scanner, InputWindows(state), pool) if scanner is not None else None
     expected = iter(s for s in layout.segments if s.filesz)
     segment = None
     segment_end = 0
