@@ -87,8 +87,14 @@ def slices(state: SavedState, r: MemoryRange, gpa: int, length: int) -> Iterator
     end = data + length
     while data < end:
         block, start = divmod(data, BLOCK_SIZE)
-        n = min(BLOCK_SIZE - start, end - data)
-        yield BlockSlice(gpa, state.block_info(block), start, n)
+        missing = state.missing_run(block)
+        if missing:   # never-touched RAM: one slice for the whole run of missing blocks
+            n = min(missing * BLOCK_SIZE - start, end - data)
+            info = BlockInfo(block, None, (start + n + BLOCK_SIZE - 1) // BLOCK_SIZE)
+        else:
+            n = min(BLOCK_SIZE - start, end - data)
+            info = state.block_info(block)
+        yield BlockSlice(gpa, info, start, n)
         gpa += n
         data += n
 

@@ -119,7 +119,11 @@ class FileSink(Sink):
         # final size is fixed by truncate() in commit().
         self.position += length
         self._holes = True
-        self._fh.seek(self.position)
+        try:
+            self._fh.seek(self.position)
+        except (OSError, OverflowError) as e:   # past the filesystem's largest file
+            raise OutputError(f"{self.target}: the core ({self.position:#x} bytes so far) is larger than this "
+                              f"filesystem allows: {getattr(e, 'strerror', None) or e}") from None
 
     def copy_from(self, src: BinaryIO, offset: int, length: int) -> None:
         if self._use_cfr:
