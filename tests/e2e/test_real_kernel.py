@@ -39,6 +39,7 @@ class Conversion:
     vmrs: Path
     core: Path
     stdout_sha256: str
+    options: tuple[str, ...] = ()
 
 
 def _sha256(path: Path) -> str:
@@ -63,26 +64,34 @@ def _run_cli(args: list[str], stdout_path: Path | None = None) -> None:
 
 
 @pytest.fixture(scope="session")
-def conversion(guest: Capture, tmp_path_factory: pytest.TempPathFactory) -> Conversion:
-    """The capture wrapped into a record-encoded .vmrs, converted by the real CLI to a file and to stdout."""
+def real_vmrs(guest: Capture, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The capture wrapped into a record-encoded .vmrs (shared by every conversion variant)."""
     try:
         from tests.vmrs_writer import RangeSpec, WriterOptions, ram_from_file, write_vmrs
     except ImportError as exc:
         pytest.fail(f"tests.vmrs_writer is not available yet: {exc}")
-    work = tmp_path_factory.mktemp("conversion")
+    work = tmp_path_factory.mktemp("vmrs")
     ranges, vps = capture.load_capture(guest.directory)
     specs = [RangeSpec(gpa_start=r.gpa_start, page_count=r.size // 4096,
                        read=ram_from_file(r.file, r.file_offset)) for r in ranges]
     vmrs = work / "guest.vmrs"
     write_vmrs(vmrs, specs, vps, WriterOptions(policy="records"))
+    return vmrs
 
+
+@pytest.fixture(scope="session", params=[[], ["--exclude-zero"]], ids=["plain", "exclude-zero"])
+def conversion(real_vmrs: Path, request: pytest.FixtureRequest,
+               tmp_path_factory: pytest.TempPathFactory) -> Conversion:
+    """The .vmrs converted by the real CLI to a file and to stdout (plain, and with --exclude-zero)."""
+    options: list[str] = request.param
+    work = tmp_path_factory.mktemp("conversion")
     core = work / "guest.core"
-    _run_cli([str(vmrs), str(core)])
+    _run_cli([str(real_vmrs), str(core), *options])
     piped = work / "guest-stdout.core"
-    _run_cli([str(vmrs), "-"], stdout_path=piped)
+    _run_cli([str(real_vmrs), "-", *options], stdout_path=piped)
     stdout_sha256 = _sha256(piped)
     piped.unlink()  # only its digest is needed; it is as large as guest RAM
-    return Conversion(vmrs=vmrs, core=core, stdout_sha256=stdout_sha256)
+    return Conversion(vmrs=real_vmrs, core=core, stdout_sha256=stdout_sha256, options=tuple(options))
 
 
 @pytest.fixture(scope="session")
@@ -101,6 +110,17 @@ def our_drgn(lab: config.LabConfig, guest: Capture, conversion: Conversion) -> d
 
 def test_file_and_stdout_outputs_are_identical(conversion: Conversion) -> None:
     assert _sha256(conversion.core) == conversion.stdout_sha256
+
+
+def test_exclude_zero_leaves_zero_runs_out(conversion: Conversion, guest: Capture) -> None:
+    loads = list(_pt_loads(conversion.core))
+    ram = sum(r.size for r in capture.load_capture(guest.directory)[0])
+    stored = sum(filesz for _, _, filesz, _ in loads)
+    if "--exclude-zero" in conversion.options:
+        assert len(loads) > 1 and stored < ram // 2, (len(loads), stored)   # this idle guest is mostly zeros
+        assert any(filesz < memsz for _, _, filesz, memsz in loads)
+    else:
+        assert stored == ram and all(filesz == memsz for _, _, filesz, memsz in loads)
 
 
 # ---------------------------------------------------------------------------------------------- RAM
