@@ -206,12 +206,19 @@ def test_crash_bt_all_matches_qemu_dump(our_crash: dict[str, str], qemu_crash: d
     )
 
 
-def test_crash_bt_starts_at_each_saved_rip(our_crash: dict[str, str], guest: Capture) -> None:
+def test_crash_bt_starts_at_each_saved_rip(our_crash: dict[str, str], qemu_crash: dict[str, str],
+                                          guest: Capture) -> None:
+    """Wherever crash starts a CPU's backtrace at the saved RIP/RSP on QEMU's own dump, it must on ours.
+
+    (crash prefers a stack-symbol search where one succeeds, so not every kernel-mode vCPU shows its
+    registers, on either core: see test_lab_baseline.)"""
     blocks = readers.normalise_bt(our_crash["bt -a"])
+    reference = readers.normalise_bt(qemu_crash["bt -a"])
     assert sorted(blocks) == [v["index"] for v in guest.vcpus], our_crash["bt -a"]
-    for vcpu in guest.vcpus:
-        if kernel_mode(vcpu):
-            assert shows_saved_registers(blocks[vcpu["index"]].text, vcpu), blocks[vcpu["index"]].text
+    expected = [v for v in guest.vcpus if kernel_mode(v) and shows_saved_registers(reference[v["index"]].text, v)]
+    assert expected or not any(kernel_mode(v) for v in guest.vcpus), qemu_crash["bt -a"]
+    for vcpu in expected:
+        assert shows_saved_registers(blocks[vcpu["index"]].text, vcpu), blocks[vcpu["index"]].text
 
 
 # ---------------------------------------------------------------------------------------------- drgn
