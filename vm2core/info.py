@@ -5,17 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from vm2core.core.convert import Progress, find_kernel
-from vm2core.reader.memory import PAGE_SIZE, Zeros
+from vm2core.core.zeros import block_zero_runs
+from vm2core.reader.memory import PAGE_SIZE
 from vm2core.reader.partition_state import VENDORS
-from vm2core.reader.ramblock import decode_records, slice_pieces
 from vm2core.reader.savedstate import RAM_BLOCK_KEY, SavedState
-
-_NOT_DECODED = memoryview(bytes(1 << 20))
-
-
-def _skip_xpress(_data: bytes | memoryview, out_size: int) -> bytes:
-    """Stand-in decompressor: the statistics pass only needs record headers, not page contents."""
-    return _NOT_DECODED[:out_size]  # type: ignore[return-value]
 
 
 def memory_statistics(state: SavedState, progress: Progress) -> dict[str, Any]:
@@ -32,10 +25,10 @@ def memory_statistics(state: SavedState, progress: Progress) -> dict[str, Any]:
                 if info.entry is None:
                     zero += length
                 elif info.encoding == "records":
-                    pieces = decode_records(state.read_block_bytes(info), decompressor=_skip_xpress,
-                                            name=RAM_BLOCK_KEY.format(info.number),
-                                            file_offset=info.entry.data_offset, path=state.path)
-                    zero += sum(p.length for p in slice_pieces(pieces, start, length) if isinstance(p, Zeros))
+                    # Record headers only: pattern-0 fills are zero pages, nothing is decompressed.
+                    runs = block_zero_runs(state.read_block_bytes(info), name=RAM_BLOCK_KEY.format(info.number),
+                                           file_offset=info.entry.data_offset, path=state.path)
+                    zero += sum(max(0, min(s + n, start + length) - max(s, start)) for s, n in runs)
                 progress.advance(length)
     finally:
         progress.finish()

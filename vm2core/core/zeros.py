@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from vm2core.core.layout import LoadRange
 from vm2core.reader.memory import PAGE_SIZE, MemoryRange
@@ -37,8 +38,8 @@ from vm2core.reader.savedstate import RAM_BLOCK_KEY, BlockInfo, SavedState
 MIN_EXCLUDED_PAGES = 256
 
 
-def block_zero_runs(data: bytes | memoryview, *, name: str = "RamBlock",
-                    file_offset: int | None = None) -> list[tuple[int, int]]:
+def block_zero_runs(data: bytes | memoryview, *, name: str = "RamBlock", file_offset: int | None = None,
+                    path: Path | str | None = None) -> list[tuple[int, int]]:
     """Byte runs ``(start, length)`` of a record-encoded block that pattern-0 fills make zero.
 
     Walks the same records as :func:`vm2core.reader.ramblock.decode_records`, with the same
@@ -51,7 +52,8 @@ def block_zero_runs(data: bytes | memoryview, *, name: str = "RamBlock",
 
     def fail(msg: str) -> BlockError:
         off = None if file_offset is None else file_offset + pos
-        return BlockError(f"{msg} (decoded {produced:#x} of {BLOCK_SIZE:#x} bytes)", structure=name, offset=off)
+        return BlockError(f"{msg} (decoded {produced:#x} of {BLOCK_SIZE:#x} bytes)", path=path, structure=name,
+                          offset=off)
 
     def zero(length: int) -> None:
         if runs and runs[-1][0] + runs[-1][1] == produced:
@@ -169,7 +171,7 @@ def _block_runs(state: SavedState, info: BlockInfo, start: int, length: int) -> 
     if info.encoding == "raw":
         return
     data = state.read_block_bytes(info)
-    for run_start, run_len in block_zero_runs(data, name=RAM_BLOCK_KEY.format(info.number),
+    for run_start, run_len in block_zero_runs(data, name=RAM_BLOCK_KEY.format(info.number), path=state.path,
                                               file_offset=info.entry.data_offset):
         lo, hi = _page_inward(max(run_start, start), min(run_start + run_len, start + length))
         if hi > lo:
