@@ -42,12 +42,27 @@ class Sink(abc.ABC):
             self.write(memoryview(ZERO_CHUNK)[:n])
             length -= n
 
+    #: Size of the reused buffer of the portable :meth:`copy_from`; sinks may choose their own.
+    copy_chunk = 1 << 20
+    _copy_buffer: bytearray | None = None
+
     def copy_from(self, src: BinaryIO, offset: int, length: int) -> None:
-        """Append ``length`` bytes read from ``src`` at ``offset`` (zero-copy where possible)."""
-        chunk = 1 << 20
+        """Append ``length`` bytes read from ``src`` at ``offset``.
+
+        Portable path: reads into one reused buffer and passes it to :meth:`write`; sinks that can
+        let the kernel copy (file, pipe) override this."""
+        if self._copy_buffer is None:
+            self._copy_buffer = bytearray(self.copy_chunk)
+        view = memoryview(self._copy_buffer)
         src.seek(offset)
+        readinto = getattr(src, "readinto", None)
         while length > 0:
-            data = src.read(min(chunk, length))
+            n = min(len(view), length)
+            if readinto is not None:
+                got = readinto(view[:n])
+                data: bytes | memoryview = view[:got or 0]
+            else:
+                data = src.read(n)
             if not data:
                 raise InputEnded(offset)
             self.write(data)

@@ -18,12 +18,11 @@ import stat
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import BinaryIO
 
 import paramiko
 
 from vm2core.errors import OutputError
-from vm2core.sinks.base import ZERO_CHUNK, InputEnded, Sink
+from vm2core.sinks.base import ZERO_CHUNK, Sink
 from vm2core.sinks.sshtarget import (
     DEFAULT_PORT,
     KnownHosts,
@@ -89,6 +88,7 @@ class SftpSink(Sink):
     """
 
     seekable = False
+    copy_chunk = WRITE_SIZE
 
     def __init__(self, target: str | SshTarget, *, force: bool = False, accept_new: bool = False,
                  options: Mapping[str, str] | None = None, verify: bool = False,
@@ -109,7 +109,6 @@ class SftpSink(Sink):
         self.partial_path = self.path + ".partial"
         self._hash = hashlib.sha256() if verify else None
         self._buffer = bytearray()
-        self._read_buffer = bytearray(WRITE_SIZE)
         self._done = False
         self._sending = False
         self._file: paramiko.SFTPFile | None = None
@@ -134,21 +133,6 @@ class SftpSink(Sink):
         self._buffer += data
         if len(self._buffer) >= WRITE_SIZE:
             self._flush()
-
-    def copy_from(self, src: BinaryIO, offset: int, length: int) -> None:
-        """Read into one reused buffer: paramiko has copied each request out before returning."""
-        if not hasattr(src, "readinto"):
-            super().copy_from(src, offset, length)
-            return
-        src.seek(offset)
-        view = memoryview(self._read_buffer)
-        while length > 0:
-            got = src.readinto(view[:min(len(view), length)])
-            if not got:
-                raise InputEnded(offset)
-            self.write(view[:got])
-            offset += got
-            length -= got
 
     def write_zeros(self, length: int) -> None:
         """Long zero runs are not sent: the next write lands past them.

@@ -7,12 +7,10 @@ final), which ``zstd -d`` and ``zstdcat`` handle; compression runs on all cores
 
 from __future__ import annotations
 
-from typing import BinaryIO
-
 import zstandard
 
 from vm2core.errors import OutputError
-from vm2core.sinks.base import InputEnded, Sink
+from vm2core.sinks.base import Sink
 
 #: Uncompressed bytes handed to the compressor per call: several zstd jobs at level 3,
 #: so all worker threads stay busy while Python overhead stays negligible.
@@ -34,6 +32,7 @@ class ZstdSink(Sink):
     """
 
     seekable = False
+    copy_chunk = FEED_SIZE
 
     def __init__(self, inner: Sink, level: int = DEFAULT_LEVEL, threads: int = -1) -> None:
         super().__init__()
@@ -43,7 +42,6 @@ class ZstdSink(Sink):
         self.level = level
         compressor = zstandard.ZstdCompressor(level=level, threads=threads, write_content_size=False)
         self._stream = compressor.compressobj()
-        self._buffer = bytearray(FEED_SIZE)
         self._finished = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -61,21 +59,6 @@ class ZstdSink(Sink):
             n = min(length, FEED_SIZE)
             self.write(zeros[:n])
             length -= n
-
-    def copy_from(self, src: BinaryIO, offset: int, length: int) -> None:
-        """Read into one reused buffer (no per-chunk allocation) and compress it."""
-        if not hasattr(src, "readinto"):
-            super().copy_from(src, offset, length)
-            return
-        src.seek(offset)
-        view = memoryview(self._buffer)
-        while length > 0:
-            got = src.readinto(view[:min(FEED_SIZE, length)])
-            if not got:
-                raise InputEnded(offset)
-            self.write(view[:got])
-            offset += got
-            length -= got
 
     def commit(self) -> None:
         """End the frame (flushing every worker), then commit the inner sink."""
