@@ -73,6 +73,13 @@ def decode_records(data: bytes | memoryview, *, decompressor: Decompressor = dec
         else:
             out.append(piece)
 
+    def emit_payload(payload: memoryview, out_size: int) -> None:
+        """A page or chunk payload: stored as is when it fills its output, else XPRESS."""
+        if len(payload) == out_size:
+            emit(Data(payload), out_size)
+        else:
+            emit(Data(_xpress(decompressor, payload, out_size, fail)), out_size)
+
     while True:
         if produced == BLOCK_SIZE and (pos == size or (pos + 4 <= size and U32.unpack_from(view, pos)[0]
                                                         == TAG_END)):
@@ -104,22 +111,14 @@ def decode_records(data: bytes | memoryview, *, decompressor: Decompressor = dec
                 raise fail(f"chunk record stores {stored} bytes for {out_size} bytes of output")
             pos += 4 + CHUNK.size
             need(stored)
-            payload = view[pos:pos + stored]
-            if stored == out_size:
-                emit(Data(payload), out_size)
-            else:
-                emit(Data(_xpress(decompressor, payload, out_size, fail)), out_size)
+            emit_payload(view[pos:pos + stored], out_size)
             pos += stored
         else:
             if tag == 0 or tag > PAGE_SIZE:
                 raise fail(f"unknown record tag {tag:#010x}")
             pos += 4
             need(tag)
-            payload = view[pos:pos + tag]
-            if tag == PAGE_SIZE:
-                emit(Data(payload), PAGE_SIZE)
-            else:
-                emit(Data(_xpress(decompressor, payload, PAGE_SIZE, fail)), PAGE_SIZE)
+            emit_payload(view[pos:pos + tag], PAGE_SIZE)
             pos += tag
     return out
 
