@@ -22,7 +22,7 @@ from vm2core import __version__
 from vm2core.core.convert import Progress, convert
 from vm2core.errors import OutputError, Vm2coreError
 from vm2core.progress import LogProgress, TerminalProgress, human_bytes
-from vm2core.reader.savedstate import SavedState
+from vm2core.reader.backend import BACKENDS, open_saved_state
 from vm2core.sinks.base import Sink
 from vm2core.sinks.file import StdoutSink, open_output, remove_pending_outputs
 from vm2core.sinks.hashing import HashingSink
@@ -105,9 +105,34 @@ def main() -> None:
     """
 
 
+def _backend_options(func: Any) -> Any:
+    """--backend and --dll, shared by convert and info."""
+    func = click.option("--dll", "dll", type=click.Path(path_type=Path), default=None, metavar="PATH",
+                        help="Microsoft's vmsavedstatedumpprovider.dll (default: next to vm2core, on PATH, or in "
+                             "the Windows SDK's bin\\<version>\\x64).")(func)
+    return click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+                        help="Reader: native, Microsoft's DLL, or auto (native for .vmrs, the DLL for a .vsv+.bin "
+                             "pair and for .vmrs variants the native reader refuses).")(func)
+
+
+def _split_inputs(args: tuple[str, ...], ssh_target: str | None) -> tuple[list[Path], str | None]:
+    """INPUT [INPUT2] OUTPUT (or INPUT [INPUT2] with --ssh): a .vmrs, or a .vsv and .bin in any order."""
+    if ssh_target is not None:
+        if len(args) == 2 and not Path(args[1]).exists():
+            raise click.UsageError("give either OUTPUT or --ssh [USER@]HOST:PATH (not both)")
+        inputs, output = list(args), None
+    elif len(args) < 2:
+        raise click.UsageError("give either OUTPUT or --ssh [USER@]HOST:PATH (not both)" if args else
+                               "missing INPUT")
+    else:
+        inputs, output = list(args[:-1]), args[-1]
+    if not 1 <= len(inputs) <= 2:
+        raise click.UsageError("give one .vmrs, or a .vsv and its .bin (in either order), then OUTPUT")
+    return [Path(p) for p in inputs], output
+
+
 @main.command("convert", epilog=EPILOG)
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.argument("output", metavar="OUTPUT", type=str, required=False)
+@click.argument("paths", metavar="INPUT [INPUT2] OUTPUT", nargs=-1, required=True)
 @click.option("-f", "--force", is_flag=True,
               help="Overwrite OUTPUT (or the remote file) if it exists; allow a terminal as stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
@@ -129,10 +154,12 @@ def main() -> None:
               help="With --ssh: compare a SHA-256 of the streamed bytes with the uploaded file's.")
 @click.option("--sha256", "want_sha256", is_flag=True,
               help="Print the SHA-256 of the bytes written (and write OUTPUT.sha256 for a file).")
-def convert_cmd(input_path: Path, output: str | None, force: bool, quiet: bool, progress: bool | None,
+@_backend_options
+def convert_cmd(paths: tuple[str, ...], force: bool, quiet: bool, progress: bool | None,
                 exclude_zero: bool, zstd_level: int | None, ssh_target: str | None, ssh_options: tuple[str, ...],
-                ssh_accept_new: bool, verify: bool, want_sha256: bool) -> None:
-    """Convert INPUT (.vmrs) into an ELF core at OUTPUT ("-" for standard output) or on a remote host.
+                ssh_accept_new: bool, verify: bool, want_sha256: bool, backend: str, dll: Path | None) -> None:
+    """Convert INPUT (.vmrs, or a legacy .vsv and .bin in either order) into an ELF core at OUTPUT
+    ("-" for standard output) or on a remote host.
 
     A local core is written to a temporary file beside OUTPUT and renamed when complete; an
     upload goes to PATH.partial and is renamed when complete. The core carries one PT_LOAD per
@@ -140,15 +167,14 @@ def convert_cmd(input_path: Path, output: str | None, force: bool, quiet: bool, 
     guest kernel's own VMCOREINFO note, so `crash vmlinux OUTPUT` and `drgn -c OUTPUT` need no
     extra options.
     """
-    if (output is None) == (ssh_target is None):
-        raise click.UsageError("give either OUTPUT or --ssh [USER@]HOST:PATH (not both)")
+    inputs, output = _split_inputs(paths, ssh_target)
     if verify and ssh_target is None:
         raise click.UsageError("--verify checks an upload: use it with --ssh (for a local file use --sha256)")
     if output is not None and zstd_level is None and output != "-" and output.lower().endswith(ZSTD_SUFFIXES):
         zstd_level = DEFAULT_LEVEL
-    _run(_convert, input_path, output, force=force, quiet=quiet, progress=progress, exclude_zero=exclude_zero,
+    _run(_convert, inputs, output, force=force, quiet=quiet, progress=progress, exclude_zero=exclude_zero,
          zstd_level=zstd_level, ssh_target=ssh_target, ssh_options=ssh_options, accept_new=ssh_accept_new,
-         verify=verify, want_sha256=want_sha256)
+         verify=verify, want_sha256=want_sha256, backend=backend, dll=dll)
 
 
 def _open_sink(output: str | None, force: bool, input_path: Path, ssh_target: str | None,
@@ -174,11 +200,14 @@ def _open_sink(output: str | None, force: bool, input_path: Path, ssh_target: st
     return open_output(target, force=force, mode=mode)
 
 
-def _convert(input_path: Path, output: str | None, *, force: bool, quiet: bool, progress: bool | None,
+def _convert(inputs: list[Path], output: str | None, *, force: bool, quiet: bool, progress: bool | None,
              exclude_zero: bool, zstd_level: int | None, ssh_target: str | None, ssh_options: tuple[str, ...],
-             accept_new: bool, verify: bool, want_sha256: bool) -> None:
+             accept_new: bool, verify: bool, want_sha256: bool, backend: Any = "auto", dll: Path | None = None) -> None:
     rep = _Reporter(quiet, progress)
-    with SavedState.open(input_path) as state:
+    with open_saved_state(inputs, backend=backend, dll=dll, warn=rep.warn) as state:
+        input_path = state.path
+        if exclude_zero and state.backend == "dll":
+            rep.warn("--exclude-zero: the DLL reports no zero-page metadata, so nothing is left out")
         if state.dirty:
             rep.warn(f"{input_path}: the replay log holds uncommitted changes; memory may be incomplete")
         base = _open_sink(output, force, input_path, ssh_target, ssh_options, accept_new, verify)
@@ -223,20 +252,26 @@ def _write_digest_file(core: Path, digest: str) -> None:
 
 
 @main.command()
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.argument("input_paths", metavar="INPUT [INPUT2]", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--no-scan", is_flag=True, help="Do not search guest memory for the kernel (fast).")
 @click.option("--progress/--no-progress", default=None, help="Show progress on stderr.")
-def info(input_path: Path, as_json: bool, no_scan: bool, progress: bool | None) -> None:
-    """Describe a saved state: VM, CPUs, memory ranges and the guest kernel found in memory."""
-    _run(_info, input_path, as_json, not no_scan, progress)
+@_backend_options
+def info(input_paths: tuple[Path, ...], as_json: bool, no_scan: bool, progress: bool | None, backend: str,
+         dll: Path | None) -> None:
+    """Describe a saved state (a .vmrs, or a .vsv and its .bin): VM, CPUs, memory ranges and the guest
+    kernel found in memory."""
+    if len(input_paths) > 2:
+        raise click.UsageError("give one .vmrs, or a .vsv and its .bin")
+    _run(_info, list(input_paths), as_json, not no_scan, progress, backend, dll)
 
 
-def _info(input_path: Path, as_json: bool, scan: bool, progress: bool | None) -> None:
+def _info(inputs: list[Path], as_json: bool, scan: bool, progress: bool | None, backend: Any = "auto",
+          dll: Path | None = None) -> None:
     from vm2core.info import describe
 
     rep = _Reporter(False, progress)
-    with SavedState.open(input_path) as state:
+    with open_saved_state(inputs, backend=backend, dll=dll, warn=rep.warn) as state:
         report = describe(state, rep.progress, scan=scan)
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -245,17 +280,22 @@ def _info(input_path: Path, as_json: bool, scan: bool, progress: bool | None) ->
 
 
 def render_info(r: dict[str, Any]) -> str:
-    c = r["container"]
-    lines = [
-        f"file:              {r['file']} ({human_bytes(r['file_size'])})",
-        f"container:         HyperVStorage {c['format_version']}, header copy {c['header_copy']} "
-        f"(sequence {c['sequence']}), {c['keys']} keys in {c['key_tables']} key tables",
-        f"VM version:        {r['vm_version']}",
-        f"saved-state type:  {r['saved_state_type'] or '(not recorded)'}",
-        f"dirty replay log:  {'yes (uncommitted changes!)' if r['dirty_replay_log'] else 'no'}",
-        f"processors:        {r['vp_count']} x {r['architecture']} ({r['vendor']}), "
-        f"VTLs saved: {', '.join(map(str, r['vtls']))}",
-    ]
+    if "dll" in r:       # read through Microsoft's DLL: no container details, no encodings
+        lines = [f"file:              {f['path']} ({human_bytes(f['size'])})" for f in r["files"]]
+        lines += [f"backend:           {r['dll']} (Microsoft's DLL)",
+                  f"processors:        {r['vp_count']} x {r['architecture']}"]
+    else:
+        c = r["container"]
+        lines = [
+            f"file:              {r['file']} ({human_bytes(r['file_size'])})",
+            f"container:         HyperVStorage {c['format_version']}, header copy {c['header_copy']} "
+            f"(sequence {c['sequence']}), {c['keys']} keys in {c['key_tables']} key tables",
+            f"VM version:        {r['vm_version']}",
+            f"saved-state type:  {r['saved_state_type'] or '(not recorded)'}",
+            f"dirty replay log:  {'yes (uncommitted changes!)' if r['dirty_replay_log'] else 'no'}",
+            f"processors:        {r['vp_count']} x {r['architecture']} ({r['vendor']}), "
+            f"VTLs saved: {', '.join(map(str, r['vtls']))}",
+        ]
     for vp in r["vps"]:
         lines.append(f"  VP {vp['index']:<3} RIP {vp['rip']:#018x}  RSP {vp['rsp']:#018x}  "
                      f"CR3 {vp['cr3']:#014x}  IDTR {vp['idtr_base']:#018x}")
@@ -263,14 +303,15 @@ def render_info(r: dict[str, Any]) -> str:
     for m in r["memory_ranges"]:
         lines.append(f"  {m['gpa_start']:#014x}-{m['gpa_end']:#014x}  {m['pages']:>9} pages "
                      f"({human_bytes(m['pages'] * 4096)})  NUMA node {m['numa_node']}")
-    b = r["blocks"]
-    lines += [
-        f"total RAM:         {human_bytes(r['total_ram'])}",
-        f"stored RAM data:   {human_bytes(r['stored_bytes'])} in {b['raw']} raw, {b['records']} "
-        f"record-encoded and {b['missing']} missing blocks",
-        f"zero pages:        {r['zero_pages']} ({100 * r['zero_share']:.1f}% of RAM, from fill records "
-        "and missing blocks)",
-    ]
+    lines.append(f"total RAM:         {human_bytes(r['total_ram'])}")
+    if "blocks" in r:
+        b = r["blocks"]
+        lines += [
+            f"stored RAM data:   {human_bytes(r['stored_bytes'])} in {b['raw']} raw, {b['records']} "
+            f"record-encoded and {b['missing']} missing blocks",
+            f"zero pages:        {r['zero_pages']} ({100 * r['zero_share']:.1f}% of RAM, from fill records "
+            "and missing blocks)",
+        ]
     if "guest_kernel" in r:
         k = r["guest_kernel"]
         if k:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from vm2core.core.convert import Progress, find_kernel
 from vm2core.core.zeros import block_zero_runs
+from vm2core.reader.backend import SavedStateFace
 from vm2core.reader.memory import PAGE_SIZE
 from vm2core.reader.partition_state import VENDORS
 from vm2core.reader.savedstate import RAM_BLOCK_KEY, SavedState
@@ -37,8 +39,41 @@ def memory_statistics(state: SavedState, progress: Progress) -> dict[str, Any]:
             "zero_share": zero / total if total else 0.0, "zero_pages": zero // PAGE_SIZE}
 
 
-def describe(state: SavedState, progress: Progress | None = None, *, scan: bool = True) -> dict[str, Any]:
+def describe(state: SavedStateFace, progress: Progress | None = None, *, scan: bool = True) -> dict[str, Any]:
     progress = progress or Progress()
+    report = _describe_native(state, progress) if isinstance(state, SavedState) else _describe_other(state)
+    if scan:
+        _describe_kernel(state, progress, report)
+    return report
+
+
+def _describe_other(state: SavedStateFace) -> dict[str, Any]:
+    """A saved state read through Microsoft's DLL: what the DLL reports, nothing about storage."""
+    inputs: list[Path] = getattr(state, "inputs", [state.path])
+    return {
+        "file": str(state.path),
+        "files": [{"path": str(p), "size": p.stat().st_size} for p in inputs],
+        "dll": str(getattr(state, "dll_path", "")),
+        "architecture": state.architecture,
+        "vp_count": len(state.vps),
+        "vps": _vps(state),
+        "memory_ranges": _ranges(state),
+        "total_ram": state.total_ram,
+    }
+
+
+def _vps(state: SavedStateFace) -> list[dict[str, Any]]:
+    return [{"index": vp.index, "vtl": vp.vtl, "rip": vp.reg("rip"), "rsp": vp.reg("rsp"),
+             "cr3": vp.reg("cr3"), "cr4": vp.reg("cr4"), "idtr_base": vp.idtr.base} for vp in state.vps]
+
+
+def _ranges(state: SavedStateFace) -> list[dict[str, Any]]:
+    return [{"index": r.index, "gpa_start": r.gpa_start, "gpa_end": r.gpa_end, "pages": r.page_count,
+             "numa_node": r.numa_node, "first_data_page": r.mbp_index_start, "flags": r.flags}
+            for r in state.ranges]
+
+
+def _describe_native(state: SavedState, progress: Progress) -> dict[str, Any]:
     c = state.container
     h = c.header
     part = state.partition
@@ -63,31 +98,25 @@ def describe(state: SavedState, progress: Progress | None = None, *, scan: bool 
         "vendor": VENDORS.get(part.vendor, "unknown") if part.vendor is not None else "unknown",
         "vp_count": len(state.vps),
         "vtls": vtls,
-        "vps": [
-            {"index": vp.index, "vtl": vp.vtl, "rip": vp.reg("rip"), "rsp": vp.reg("rsp"),
-             "cr3": vp.reg("cr3"), "cr4": vp.reg("cr4"), "idtr_base": vp.idtr.base}
-            for vp in state.vps
-        ],
-        "memory_ranges": [
-            {"index": r.index, "gpa_start": r.gpa_start, "gpa_end": r.gpa_end, "pages": r.page_count,
-             "numa_node": r.numa_node, "first_data_page": r.mbp_index_start, "flags": r.flags}
-            for r in state.ranges
-        ],
+        "vps": _vps(state),
+        "memory_ranges": _ranges(state),
         "total_ram": state.total_ram,
     }
     report.update(memory_statistics(state, progress))
-    if scan:
-        selection, scanned = find_kernel(state, progress, stop_early=False)
-        k = selection.kernel
-        report["guest_kernel"] = None if k is None else {
-            "osrelease": k.osrelease,
-            "kernel_offset": k.kernel_offset,
-            "phys_base": k.phys_base,
-            "pagesize": k.pagesize,
-            "vmcoreinfo_gpa": k.note_gpa,
-            "copies": k.copies,
-            "caveats": list(k.caveats),
-        }
-        report["guest_kernel_reasons"] = selection.reasons
-        report["scanned_bytes"] = scanned
     return report
+
+
+def _describe_kernel(state: SavedStateFace, progress: Progress, report: dict[str, Any]) -> None:
+    selection, scanned = find_kernel(state, progress, stop_early=False)
+    k = selection.kernel
+    report["guest_kernel"] = None if k is None else {
+        "osrelease": k.osrelease,
+        "kernel_offset": k.kernel_offset,
+        "phys_base": k.phys_base,
+        "pagesize": k.pagesize,
+        "vmcoreinfo_gpa": k.note_gpa,
+        "copies": k.copies,
+        "caveats": list(k.caveats),
+    }
+    report["guest_kernel_reasons"] = selection.reasons
+    report["scanned_bytes"] = scanned

@@ -24,8 +24,8 @@ from vm2core.core.scanning import SCAN_QUEUE_DEPTH, BackgroundScan, InputWindows
 from vm2core.core.zeros import ZeroMap, zero_map
 from vm2core.errors import FormatError, UnsupportedError
 from vm2core.guest.vmcoreinfo import Selection, VmcoreinfoScanner, select_kernel
+from vm2core.reader.backend import SavedStateFace as SavedState  # any backend: native or DLL
 from vm2core.reader.memory import Data, FileSpan, MemoryRange, Zeros
-from vm2core.reader.savedstate import SavedState
 from vm2core.sinks.base import InputEnded, Sink
 
 COPY_MAX = 64 << 20           # largest single kernel copy: big enough for readahead, small enough

@@ -24,9 +24,10 @@ from typing import BinaryIO
 
 from vm2core.core.fastdecode import Fallback, decode_into
 from vm2core.errors import FormatError
+from vm2core.reader.backend import SavedStateFace as SavedState  # any backend: native or DLL
 from vm2core.reader.memory import PAGE_SIZE, Data, FileSpan, MemoryRange, Piece, Zeros
 from vm2core.reader.ramblock import BLOCK_SIZE, slice_pieces
-from vm2core.reader.savedstate import RAM_BLOCK_KEY, BlockInfo, SavedState
+from vm2core.reader.savedstate import RAM_BLOCK_KEY, BlockInfo
 
 # Zero runs at least this long stay separate runs (a sink can make them holes); shorter ones are
 # copied into the block buffer so a block becomes one write.  Same as FileSink's hole threshold.
@@ -161,7 +162,7 @@ class BlockDecoder:
     @staticmethod
     def needs_work(sl: BlockSlice) -> bool:
         """False for missing and raw blocks: nothing to read or decode, no thread needed."""
-        return sl.info.encoding == "records"
+        return sl.info.encoding not in ("raw", "missing")
 
     def immediate(self, sl: BlockSlice) -> Decoded:
         if sl.info.entry is None:
@@ -172,7 +173,8 @@ class BlockDecoder:
         info = sl.info
         if not self.needs_work(sl):
             return self.immediate(sl)
-        assert info.entry is not None
+        if info.entry is None:      # a backend that reads the block itself (the DLL): nothing stored here
+            return self._flatten(sl, slice_pieces(self.state.decode_block(info), sl.start, sl.length))
         stored = self._reader.read(info.entry.data_offset, info.entry.data_size, RAM_BLOCK_KEY.format(info.number))
         buf = self.pool.get()
         try:
@@ -242,11 +244,13 @@ def decode_in_order(decoder: BlockDecoder, items: Iterable[BlockSlice], *, worke
     depth = depth or 2 * workers + 2
     pending: deque[Future[Decoded] | Decoded] = deque()
     in_flight = 0
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vm2core-decode") as pool:
+    # Blocks a backend reads itself (the DLL) go to one thread of their own: read ahead, strictly in order.
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vm2core-decode") as pool, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="vm2core-fetch") as fetcher:
         try:
             for sl in items:
                 if decoder.needs_work(sl):
-                    pending.append(pool.submit(decoder.decode, sl))
+                    pending.append((pool if sl.info.entry is not None else fetcher).submit(decoder.decode, sl))
                     in_flight += 1
                 else:
                     pending.append(decoder.immediate(sl))

@@ -18,8 +18,9 @@ from typing import BinaryIO
 from vm2core.core.pipeline import BlockSlice, BufferPool, Decoded
 from vm2core.errors import FormatError
 from vm2core.guest.vmcoreinfo import VmcoreinfoScanner
+from vm2core.reader.backend import SavedStateFace as SavedState  # any backend: native or DLL
 from vm2core.reader.memory import Data, FileSpan
-from vm2core.reader.savedstate import BlockInfo, SavedState
+from vm2core.reader.savedstate import BlockInfo
 
 READ_CHUNK = 1 << 20
 SCAN_QUEUE_DEPTH = 8          # decoded blocks waiting for the background scan (bounded memory)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vm2core.core.layout import LoadRange
+from vm2core.reader.backend import SavedStateFace as SavedState  # any backend: native or DLL
 from vm2core.reader.memory import PAGE_SIZE, MemoryRange
 from vm2core.reader.ramblock import (
     BLOCK_SIZE,
@@ -32,7 +33,7 @@ from vm2core.reader.ramblock import (
     U64,
     BlockError,
 )
-from vm2core.reader.savedstate import RAM_BLOCK_KEY, BlockInfo, SavedState
+from vm2core.reader.savedstate import RAM_BLOCK_KEY, BlockInfo
 
 # makedumpfile (elf-vmcore.md §4): a PT_LOAD's file part ends after >= 256 excluded pages.
 MIN_EXCLUDED_PAGES = 256
@@ -165,10 +166,10 @@ def _zero_runs_of_range(state: SavedState, r: MemoryRange) -> Iterator[tuple[int
 
 def _block_runs(state: SavedState, info: BlockInfo, start: int, length: int) -> Iterator[tuple[int, int]]:
     """Zero byte runs ``(lo, hi)`` of a block clipped to ``[start, start + length)``."""
-    if info.entry is None:
+    if info.encoding == "missing":
         yield start, start + length
         return
-    if info.encoding == "raw":
+    if info.encoding != "records" or info.entry is None:    # raw, or read by the backend itself: data
         return
     data = state.read_block_bytes(info)
     for run_start, run_len in block_zero_runs(data, name=RAM_BLOCK_KEY.format(info.number), path=state.path,

@@ -74,6 +74,8 @@ class BlockInfo:
 class SavedState:
     """A Hyper-V saved state (.vmrs) opened for conversion."""
 
+    backend = "native"
+
     def __init__(self, container: HyperVStorage) -> None:
         self.container = container
         self.path = container.path
