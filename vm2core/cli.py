@@ -332,20 +332,34 @@ def render_info(r: dict[str, Any]) -> str:
 
 
 @main.command()
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.argument("input_paths", metavar="INPUT [INPUT2]", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def inspect(input_path: Path, as_json: bool) -> None:
-    """List every key of a HyperVStorage file (.vmrs, .vsv, .vmcx) with its type and size.
+def inspect(input_paths: tuple[Path, ...], as_json: bool) -> None:
+    """List every key of a HyperVStorage file (.vmrs, .vsv, .vmcx) with its type and size; for any
+    other file (e.g. the .bin of a legacy pair) print its size and a page census.
 
     For files vm2core cannot convert (e.g. the legacy .vsv of Server 2012 R2), this shows what is
-    inside without guessing at its meaning.
+    inside without guessing at its meaning, and without revealing memory contents.
     """
-    _run(_inspect, input_path, as_json)
+    if len(input_paths) > 2:
+        raise click.UsageError("give one file, or a .vsv and its .bin")
+    for i, path in enumerate(input_paths):
+        if i:
+            click.echo("")
+        _run(_inspect, path, as_json)
 
 
 def _inspect(input_path: Path, as_json: bool) -> None:
+    from vm2core.reader.backend import is_hyperv_storage
     from vm2core.reader.container import HyperVStorage
 
+    if not is_hyperv_storage(input_path):
+        from vm2core.reader.census import page_census, render_census
+
+        census = page_census(input_path)
+        click.echo(json.dumps({"kind": "page census", **census.as_dict()}, indent=2) if as_json
+                   else render_census(census))
+        return
     with HyperVStorage.open(input_path) as c:
         rows = [{"path": k.path, "type": k.type_name, "size": k.data_size, "file_offset": k.data_offset,
                  "file_object": k.in_file_object} for k in sorted(c.keys.values(), key=lambda k: k.path)]
