@@ -61,3 +61,9 @@ class WriterOptions:
     # a file object) under /savedstate/configuration/..., as real files hold device state there.
     decoy_keys: bool = False
     os_id: int = 0x8100_0000_0006_0100  # OS_ID chunk value: open-source bit, OsId 1 (Linux), 6.1.0
+    # "pre-2016": the key paths of VMs <= 5.0 ([FMT] Appendix A "Key Path Versioning"): /savedVM/partition_state,
+    # RamMemoryBlock/<i>, RamBlock/<n> (no /savedstate prefix; VmVersion stays where readers look for it).
+    key_layout: Literal["current", "pre-2016"] = "current"
+    # Bytes stored per RamMemoryBlock value: 48 is the v3 layout; other sizes (older, undocumented layouts)
+    # are the v3 bytes cut or zero-padded, for testing that a reader reports them instead of guessing.
+    memory_block_size: int = 48

@@ -59,6 +59,11 @@ from tests.vmrs_writer.structs import (
 from vm2core.reader.cpu import VpState
 
 PARTITION_STATE_KEY = "/savedstate/savedVM/partition_state"
+# [FMT] Appendix A "Key Path Versioning": VMs <= 5.0 write these instead.
+LEGACY_KEYS = {"partition_state": "/savedVM/partition_state", "memory_block": "/RamMemoryBlock/{}",
+               "ram_block": "/RamBlock/{}"}
+CURRENT_KEYS = {"partition_state": PARTITION_STATE_KEY, "memory_block": "/savedstate/RamMemoryBlock{}",
+                "ram_block": "/savedstate/RamBlock{}"}
 SUPPORTED_FORMAT_VERSIONS = (0x0100, 0x0101, 0x0200, 0x0300, 0x0301, 0x0400)
 REPLAY_LOG_HEADER_SIZE = 4096
 
@@ -165,14 +170,18 @@ def _entry_flags(obj_type: int, flag_style: str) -> int:
 def _schema_keys(keys: KeyStore, placed: list[_PlacedRange], opts: WriterOptions) -> None:
     """The small metadata keys of vmrs-format.md section 2 (RAM data and CPU state come later)."""
     keys.put("/savedstate/VmVersion", int_value(opts.vm_version))
-    keys.put("/configuration/properties/version", int_value(opts.vm_version))
+    names = LEGACY_KEYS if opts.key_layout == "pre-2016" else CURRENT_KEYS
+    if opts.key_layout != "pre-2016":
+        keys.put("/configuration/properties/version", int_value(opts.vm_version))
     if opts.saved_state_type is not None:
         keys.put("/savedstate/type", string_value(opts.saved_state_type))
     for index, item in enumerate(placed):
         spec = item.spec
-        keys.put(f"/savedstate/RamMemoryBlock{index}", array_value(pack_ram_memory_block(
+        value = pack_ram_memory_block(
             flags=spec.flags, page_count=spec.page_count, mbp_index_start=item.mbp_index_start,
-            gpa_page_start=spec.gpa_start // PAGE_SIZE, numa_node=spec.numa_node)))
+            gpa_page_start=spec.gpa_start // PAGE_SIZE, numa_node=spec.numa_node)
+        value = value[:opts.memory_block_size].ljust(opts.memory_block_size, b"\0")
+        keys.put(names["memory_block"].format(index), array_value(value))
     if opts.decoy_keys:
         _put_decoy_keys(keys)
 
@@ -195,6 +204,7 @@ def write_vmrs(path: str | Path, ranges: list[RangeSpec], vps: list[VpState],
     placed = _place_ranges(ranges)
 
     keys = KeyStore(utf16_names=opts.format_version == 0x0100)
+    names = LEGACY_KEYS if opts.key_layout == "pre-2016" else CURRENT_KEYS
     _schema_keys(keys, placed, opts)
     slots = opts.object_table_entries
     root_table_size = align_up(OBJECT_TABLE_HEADER.size + slots * OBJECT_ENTRY.size)
@@ -217,11 +227,11 @@ def write_vmrs(path: str | Path, ranges: list[RangeSpec], vps: list[VpState],
             needed = KEY_TABLE_HEADER.size + KEY_ENTRY_HEADER.size + 32 + 4 + len(blob)
             key_table_size = max(key_table_size, align_up(needed))
         if len(blob) < FILE_OBJECT_THRESHOLD or opts.partition_state_inline:
-            keys.put(PARTITION_STATE_KEY, array_value(blob))
+            keys.put(names["partition_state"], array_value(blob))
         else:
-            keys.put(PARTITION_STATE_KEY, file_object_value(len(blob), writer.append(blob, OBJ_FILE_OBJECT)))
+            keys.put(names["partition_state"], file_object_value(len(blob), writer.append(blob, OBJ_FILE_OBJECT)))
 
-        _write_ram_blocks(writer, keys, placed, encoder)
+        _write_ram_blocks(writer, keys, placed, encoder, names["ram_block"])
 
         sequence = 2 if opts.duplicate_stale_keytable else 1
         tables = keys.build_tables(key_table_size, sequence)
@@ -247,17 +257,16 @@ def write_vmrs(path: str | Path, ranges: list[RangeSpec], vps: list[VpState],
 
 
 def _write_ram_blocks(writer: _ObjectWriter, keys: KeyStore, placed: list[_PlacedRange],
-                      encoder: RamBlockEncoder) -> None:
+                      encoder: RamBlockEncoder, name: str = CURRENT_KEYS["ram_block"]) -> None:
     """Stream every data block: encode, then a file object (>= 2048 bytes) or an inline array."""
     for block, data, omit in _blocks(placed):
         if omit and data == ZERO_BLOCK:
             continue
         value = encoder.encode(block, data)
         if len(value) >= FILE_OBJECT_THRESHOLD:
-            keys.put(f"/savedstate/RamBlock{block}",
-                     file_object_value(len(value), writer.append(value, OBJ_FILE_OBJECT)))
+            keys.put(name.format(block), file_object_value(len(value), writer.append(value, OBJ_FILE_OBJECT)))
         else:
-            keys.put(f"/savedstate/RamBlock{block}", array_value(value))
+            keys.put(name.format(block), array_value(value))
 
 
 def _header_copies(current: HeaderFields, opts: WriterOptions) -> list[bytes]:

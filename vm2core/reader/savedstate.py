@@ -48,6 +48,17 @@ MAX_PARTITION_STATE = 256 << 20
 BLOCK_CACHE_SIZE = 8
 
 
+def is_legacy_layout(container: HyperVStorage) -> bool:
+    """The pre-2016 key layout ([FMT] Appendix A "Key Path Versioning"): no current partition-state key,
+    and the old one present or a VM version <= 5.0 recorded."""
+    if container.get(PARTITION_STATE_KEY) is not None:
+        return False
+    if container.get(LEGACY_PARTITION_STATE_KEY) is not None:
+        return True
+    version = container.read_int(VM_VERSION_KEYS[0])
+    return version is not None and 0x0100 < version <= LEGACY_VM_VERSION
+
+
 @dataclass(frozen=True)
 class BlockInfo:
     """Where one RamBlock's data lives and how it is encoded (known without decoding).
@@ -75,6 +86,11 @@ class SavedState:
     """A Hyper-V saved state (.vmrs) opened for conversion."""
 
     backend = "native"
+    layout = "current"
+    # Key templates of this layout ([FMT] Appendix A); LegacySavedState has the pre-2016 ones.
+    partition_state_key = PARTITION_STATE_KEY
+    memory_block_key = MEMORY_BLOCK_KEY
+    ram_block_key = RAM_BLOCK_KEY
 
     def __init__(self, container: HyperVStorage) -> None:
         self.container = container
@@ -90,6 +106,10 @@ class SavedState:
     def open(cls, path: Path | str) -> SavedState:
         container = HyperVStorage.open(path)
         try:
+            if cls is SavedState and is_legacy_layout(container):
+                from vm2core.reader.legacy import LegacySavedState
+
+                return LegacySavedState(container)
             return cls(container)
         except BaseException:
             container.close()
@@ -140,13 +160,14 @@ class SavedState:
         return bool(rl and rl.dirty)
 
     def _partition_state(self) -> PartitionState:
-        entry = self.container.require(PARTITION_STATE_KEY)
+        key = self.partition_state_key
+        entry = self.container.require(key)
         if entry.type != KEY_ARRAY:
-            raise self._error(f"{PARTITION_STATE_KEY} is a {entry.type_name}, expected an array", "key tree")
+            raise self._error(f"{key} is a {entry.type_name}, expected an array", "key tree")
         blob = self.container.read_bytes(entry, MAX_PARTITION_STATE)
         state = parse_partition_state(blob, path=self.path, base_offset=entry.data_offset)
         if not state.vtl0_vps():
-            raise self._error("no VTL0 register set for any virtual processor", PARTITION_STATE_KEY,
+            raise self._error("no VTL0 register set for any virtual processor", key,
                               entry.data_offset)
         return state
 
@@ -162,12 +183,12 @@ class SavedState:
     def _memory_ranges(self) -> list[MemoryRange]:
         ranges: list[MemoryRange] = []
         for i in range(MAX_RANGES + 1):
-            entry = self.container.get(MEMORY_BLOCK_KEY.format(i))
+            entry = self.container.get(self.memory_block_key.format(i))
             if entry is None:
                 break
             if i == MAX_RANGES:
                 raise self._error(f"more than {MAX_RANGES} RamMemoryBlock keys", "key tree")
-            name = MEMORY_BLOCK_KEY.format(i)
+            name = self.memory_block_key.format(i)
             if entry.data_size < MEMORY_BLOCK.size:
                 raise self._error(f"{entry.data_size} bytes, expected {MEMORY_BLOCK.size}", name,
                                   entry.data_offset)
@@ -183,17 +204,17 @@ class SavedState:
                                   "is beyond any physical address", name, entry.data_offset)
             ranges.append(MemoryRange(i, gpa_page * PAGE_SIZE, pages, mbp, node, flags))
         if not ranges:
-            raise self._error("no /savedstate/RamMemoryBlock0 key: the saved state holds no RAM", "key tree")
+            raise self._error(f"no {self.memory_block_key.format(0)} key: the saved state holds no RAM", "key tree")
         ranges.sort(key=lambda r: r.gpa_start)
         for a, b in pairwise(ranges):
             if b.gpa_start < a.gpa_end:
                 raise self._error(f"memory ranges {a.index} and {b.index} overlap at GPA {b.gpa_start:#x}",
-                                  MEMORY_BLOCK_KEY.format(b.index))
+                                  self.memory_block_key.format(b.index))
         by_data = sorted(ranges, key=lambda r: r.mbp_index_start)
         for a, b in pairwise(by_data):
             if b.mbp_index_start < a.mbp_index_start + a.page_count:
                 raise self._error(f"memory ranges {a.index} and {b.index} claim the same RAM data pages",
-                                  MEMORY_BLOCK_KEY.format(b.index))
+                                  self.memory_block_key.format(b.index))
         return ranges
 
     @property
@@ -204,7 +225,7 @@ class SavedState:
 
     def _index_blocks(self) -> list[int]:
         """Sorted numbers of the RamBlock keys present (one pass over the key names)."""
-        prefix = RAM_BLOCK_KEY.format("")
+        prefix = self.ram_block_key.format("")
         numbers = []
         for path in self.container.keys:
             if path.startswith(prefix) and path[len(prefix):].isdigit():
@@ -220,12 +241,12 @@ class SavedState:
         return MAX_GPA // BLOCK_SIZE
 
     def block_info(self, number: int) -> BlockInfo:
-        entry = self.container.get(RAM_BLOCK_KEY.format(number))
+        entry = self.container.get(self.ram_block_key.format(number))
         if entry is not None:
             if entry.type != KEY_ARRAY:
-                raise self._error(f"is a {entry.type_name}, expected an array", RAM_BLOCK_KEY.format(number))
+                raise self._error(f"is a {entry.type_name}, expected an array", self.ram_block_key.format(number))
             if entry.data_size > BLOCK_SIZE:
-                raise self._error(f"{entry.data_size} bytes, more than 1 MiB", RAM_BLOCK_KEY.format(number),
+                raise self._error(f"{entry.data_size} bytes, more than 1 MiB", self.ram_block_key.format(number),
                                   entry.data_offset)
         return BlockInfo(number, entry)
 
@@ -251,7 +272,7 @@ class SavedState:
     def read_block_bytes(self, info: BlockInfo) -> bytes:
         assert info.entry is not None
         return self.container.read_at(info.entry.data_offset, info.entry.data_size,
-                                      RAM_BLOCK_KEY.format(info.number))
+                                      self.ram_block_key.format(info.number))
 
     def decode_block(self, info: BlockInfo, stored: bytes | None = None) -> list[Piece]:
         """Pieces of one block (exactly 1 MiB).  ``stored`` may carry already-read record bytes."""
@@ -260,7 +281,7 @@ class SavedState:
         if info.entry.data_size == BLOCK_SIZE:
             return raw_block(info.entry.data_offset)
         data = stored if stored is not None else self.read_block_bytes(info)
-        return decode_records(data, name=RAM_BLOCK_KEY.format(info.number), file_offset=info.entry.data_offset,
+        return decode_records(data, name=self.ram_block_key.format(info.number), file_offset=info.entry.data_offset,
                               path=self.path)
 
     def iter_range(self, r: MemoryRange) -> Iterator[Piece]:
