@@ -220,6 +220,8 @@ def test_bad_pairs_and_bad_dlls(fake_dll: Path, inputs: dict[str, Path], workdir
     junk.write_bytes(b"MZ not really a library")
     bad = run_cli(inputs["vsv"], inputs["bin"], workdir / "x.core", "--dll", junk)
     assert_one_line_error(bad, 2, "junk.dll", "cannot load")
+    onto_vsv = run_cli(inputs["bin"], inputs["vsv"], inputs["vsv"], "-f", "--dll", fake_dll)
+    assert_one_line_error(onto_vsv, 1, "GUEST.vsv", "output is the input file")
     libc = ctypes.util.find_library("c")
     if libc is not None:
         resolved = subprocess.run(["sh", "-c", f"ldconfig -p | grep -m1 '{libc} ' | sed 's/.*=> //'"],
@@ -246,3 +248,17 @@ def test_sdk_folders_newest_version_first(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.delenv("ProgramFiles", raising=False)
     found = [p.relative_to(tmp_path / "Windows Kits" / "10" / "bin").as_posix() for p in sdk_dirs()]
     assert found == ["10.0.26100.0/x64", "10.0.22621.0/x64", "10.0.19041.0/x64"]
+
+
+def test_a_dll_with_another_register_numbering_is_noticed(fake_dll: Path, dll_guest: SyntheticGuest,
+                                                         tmp_path: Path) -> None:
+    """Registers from a DLL that numbers them differently look like no VP is in long mode: say so."""
+    from dataclasses import replace
+
+    shifted = [replace(vp, control={**vp.control, "efer": 0}) for vp in dll_guest.vps]
+    vsv, bin_ = tmp_path / "s.vsv", tmp_path / "s.bin"
+    write_storage(vsv, {"/savedVM/partition_state": bytes(64)})
+    write_fixture(Path(f"{vsv}.fixture"), bin_, dll_guest.ram.ranges, dll_guest.ram.read, shifted)
+    r = run_cli("info", vsv, bin_, "--dll", fake_dll, "--no-scan")
+    assert r.returncode == 0, r.stderr
+    assert "EFER.LMA clear" in r.stderr and "CR3 = 46" in r.stderr

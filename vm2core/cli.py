@@ -200,6 +200,17 @@ def _open_sink(output: str | None, force: bool, input_path: Path, ssh_target: st
     return open_output(target, force=force, mode=mode)
 
 
+def _open_sink_guard(output: str | None, input_path: Path) -> None:
+    if output in (None, "-"):
+        return
+    target = Path(str(output))
+    try:
+        if target.exists() and target.resolve() == input_path.resolve():
+            raise OutputError(f"{target}: output is the input file")
+    except OSError:
+        pass
+
+
 def _convert(inputs: list[Path], output: str | None, *, force: bool, quiet: bool, progress: bool | None,
              exclude_zero: bool, zstd_level: int | None, ssh_target: str | None, ssh_options: tuple[str, ...],
              accept_new: bool, verify: bool, want_sha256: bool, backend: Any = "auto", dll: Path | None = None) -> None:
@@ -210,6 +221,8 @@ def _convert(inputs: list[Path], output: str | None, *, force: bool, quiet: bool
             rep.warn("--exclude-zero: the DLL reports no zero-page metadata, so nothing is left out")
         if state.dirty:
             rep.warn(f"{input_path}: the replay log holds uncommitted changes; memory may be incomplete")
+        for other in inputs:           # the .vsv of a pair is an input too
+            _open_sink_guard(output, other)
         base = _open_sink(output, force, input_path, ssh_target, ssh_options, accept_new, verify)
         # The digest covers the bytes that reach the output (compressed ones with --zstd).
         hashing = HashingSink(base) if want_sha256 else None

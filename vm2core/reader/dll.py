@@ -59,6 +59,7 @@ REG_DEBUG_FIRST = 50       # X64_RegisterDr0, Dr1, Dr2, Dr3, Dr6, Dr7 (DEBUG_REG
 REG_SEGMENT_FIRST = 56     # X64_RegisterEs, Cs, Ss, Ds, Fs, Gs, Ldtr, Tr (SEGMENT_NAMES order)
 REG_IDTR = 64              # X64_RegisterIdtr
 REG_GDTR = 65              # X64_RegisterGdtr
+EFER_LMA = 1 << 10         # long mode active (Intel SDM vol. 3, 2.2.1): set in every VP of a running 64-bit guest
 
 # VIRTUAL_PROCESSOR_REGISTER: a 16-byte union (Reg128 {u64 low, u64 high} is its widest member).
 VP_REGISTER_SIZE = 16
@@ -324,7 +325,12 @@ class DllSavedState:
         architecture = "aarch64" if "aarch64" in archs else "x86_64" if "x86_64" in archs else "unknown"
         if architecture != "x86_64":
             return architecture, [VpState(index=vp) for vp in range(count.value)]
-        return architecture, [self._read_vp(vp) for vp in range(count.value)]
+        vps = [self._read_vp(vp) for vp in range(count.value)]
+        if not any(vp.reg("efer") & EFER_LMA for vp in vps):
+            self._warn(f"{self.path}: no virtual processor is in 64-bit mode by the registers the DLL reports "
+                       "(EFER.LMA clear): if the guest is a 64-bit Linux, this DLL numbers registers differently "
+                       f"from the REGISTER_ID vm2core pins (CR3 = {REG_CONTROL_FIRST + 2}; README: 'Microsoft's DLL')")
+        return architecture, vps
 
     def _register(self, vp: int, reg_id: int) -> bytes:
         value = _VpRegister()
