@@ -100,8 +100,9 @@ def main() -> None:
 
     \b
     vm2core INPUT OUTPUT        convert (OUTPUT "-" = standard output)
+    vm2core X.vsv X.bin OUTPUT  convert a legacy pair (through Microsoft's DLL)
     vm2core info INPUT          describe the saved state and the guest kernel in it
-    vm2core inspect INPUT       list the raw keys of any HyperVStorage file
+    vm2core inspect INPUT       list the raw keys of any HyperVStorage file (a page census of others)
     """
 
 
