@@ -311,9 +311,12 @@ def _inspect(input_path: Path, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps({"format_version": c.header.format_version,
                                    "dirty_replay_log": bool(c.replay_log and c.replay_log.dirty),
+                                   "replay_log": c.replay_log.describe() if c.replay_log else None,
                                    "keys": rows}, indent=2))
             return
         click.echo(f"# HyperVStorage {c.header.format_version >> 8}.{c.header.format_version & 0xff}, "
                    f"{len(rows)} keys")
+        if c.replay_log is not None:
+            click.echo(f"# replay log: {c.replay_log.describe()['state']}")
         for row in rows:
             click.echo(f"{row['type']:<7} {row['size']:>10}  {row['path']}")
