@@ -236,7 +236,7 @@ def test_configuration_file_is_not_a_saved_state(tmp_path: Path) -> None:
                          "/configuration/properties/name": b"not a saved state",
                          "/configuration/settings/memory/bank/size": int_value(2048)})
     rejected(path)
-    cli_rejects(path, tmp_path, "key tree")
+    cli_rejects(path, tmp_path, "is a VM configuration", "not a saved state")
     listing = run_cli("inspect", path)       # ...but `inspect` lists what is inside
     assert listing.returncode == 0 and listing.stderr == ""
     assert b"/configuration/properties/name" in listing.stdout
@@ -246,7 +246,8 @@ def test_configuration_file_gets_the_vmcx_hint(tmp_path: Path) -> None:
     path = tmp_path / "vm.vmcx"
     write_storage(path, {"/configuration/properties/version": int_value(0x0A00),
                          "/configuration/properties/name": b"not a saved state"})
-    cli_rejects(path, tmp_path, "not a VM saved state")
+    cli_rejects(path, tmp_path, "is a VM configuration (VM name not recorded), not a saved state; "
+                "its saved state is vm.vmrs beside it")
 
 
 @pytest.mark.parametrize(("version", "fragment"), [(0x0500, "pre-2016"), (0x0400, "pre-2016"),
