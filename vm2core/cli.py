@@ -103,6 +103,10 @@ def main() -> None:
     vm2core info INPUT          describe the saved state and the guest kernel in it
     vm2core inspect INPUT       list the raw keys of any HyperVStorage file
     """
+    # VM names may hold any character; a Windows pipe's code page must not turn one into a traceback.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 @main.command("convert", epilog=EPILOG)
