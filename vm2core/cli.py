@@ -102,6 +102,8 @@ def main() -> None:
     vm2core INPUT OUTPUT        convert (OUTPUT "-" = standard output)
     vm2core info INPUT          describe the saved state and the guest kernel in it
     vm2core inspect INPUT       list the raw keys of any HyperVStorage file
+    vm2core list [DIR]          list the VMs and checkpoints of a Hyper-V host (or a copied folder)
+    vm2core --vm NAME OUTPUT    convert a VM's saved state found by name (--checkpoint NAME too)
     """
     # VM names may hold any character; a Windows pipe's code page must not turn one into a traceback.
     for stream in (sys.stdout, sys.stderr):
@@ -109,8 +111,55 @@ def main() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+_VM_OPTIONS = [
+    click.option("--vm", "vm", metavar="NAME|GUID|PATH",
+                 help="Take the saved state of this VM (name, unique name prefix, GUID, or its .vmcx/folder) "
+                      "instead of INPUT; `vm2core list` shows the VMs."),
+    click.option("--checkpoint", "checkpoint", metavar="NAME|GUID",
+                 help="With --vm: take this checkpoint's saved state instead of the VM's."),
+    click.option("--dir", "dirs", multiple=True, type=click.Path(path_type=Path), metavar="DIR",
+                 help="Where --vm looks (repeatable): a Hyper-V folder or a copy of one. "
+                      "Default on Windows: the host's Hyper-V data root."),
+]
+
+
+def _vm_options(func: Any) -> Any:
+    for option in reversed(_VM_OPTIONS):
+        func = option(func)
+    return func
+
+
+def _pick_input(input_path: Path | None, vm: str | None, checkpoint: str | None, dirs: tuple[Path, ...],
+                rep: _Reporter | None = None) -> Path:
+    """INPUT as given, or the saved state --vm/--checkpoint names (the plain answer if it holds no memory)."""
+    if vm is None:
+        assert input_path is not None
+        return input_path
+    from vm2core.hostcli import choose_roots
+    from vm2core.reader.host import resolve_saved_state
+
+    path = resolve_saved_state(vm, checkpoint, choose_roots(dirs))
+    if rep is not None:
+        rep.say(f"using {path}")
+    return path
+
+
+def _vm_arguments(input_path: Path | None, output: str | None, vm: str | None,
+                  checkpoint: str | None) -> tuple[Path | None, str | None]:
+    """With --vm the only positional argument is OUTPUT."""
+    if checkpoint is not None and vm is None:
+        raise click.UsageError("--checkpoint needs --vm")
+    if vm is None:
+        if input_path is None:
+            raise click.UsageError("give INPUT (a .vmrs file) or --vm NAME")
+        return input_path, output
+    if output is not None:
+        raise click.UsageError("with --vm give only OUTPUT, not INPUT")
+    return None, None if input_path is None else str(input_path)
+
+
 @main.command("convert", epilog=EPILOG)
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path), required=False)
 @click.argument("output", metavar="OUTPUT", type=str, required=False)
 @click.option("-f", "--force", is_flag=True,
               help="Overwrite OUTPUT (or the remote file) if it exists; allow a terminal as stdout.")
@@ -133,10 +182,15 @@ def main() -> None:
               help="With --ssh: compare a SHA-256 of the streamed bytes with the uploaded file's.")
 @click.option("--sha256", "want_sha256", is_flag=True,
               help="Print the SHA-256 of the bytes written (and write OUTPUT.sha256 for a file).")
-def convert_cmd(input_path: Path, output: str | None, force: bool, quiet: bool, progress: bool | None,
+@_vm_options
+def convert_cmd(input_path: Path | None, output: str | None, force: bool, quiet: bool, progress: bool | None,
                 exclude_zero: bool, zstd_level: int | None, ssh_target: str | None, ssh_options: tuple[str, ...],
-                ssh_accept_new: bool, verify: bool, want_sha256: bool) -> None:
+                ssh_accept_new: bool, verify: bool, want_sha256: bool, vm: str | None, checkpoint: str | None,
+                dirs: tuple[Path, ...]) -> None:
     """Convert INPUT (.vmrs) into an ELF core at OUTPUT ("-" for standard output) or on a remote host.
+
+    With --vm NAME [--checkpoint NAME] the saved state is found by name, GUID or path instead of INPUT
+    (`vm2core --vm web01 web01.core`).
 
     A local core is written to a temporary file beside OUTPUT and renamed when complete; an
     upload goes to PATH.partial and is renamed when complete. The core carries one PT_LOAD per
@@ -144,13 +198,18 @@ def convert_cmd(input_path: Path, output: str | None, force: bool, quiet: bool, 
     guest kernel's own VMCOREINFO note, so `crash vmlinux OUTPUT` and `drgn -c OUTPUT` need no
     extra options.
     """
+    input_path, output = _vm_arguments(input_path, output, vm, checkpoint)
     if (output is None) == (ssh_target is None):
         raise click.UsageError("give either OUTPUT or --ssh [USER@]HOST:PATH (not both)")
     if verify and ssh_target is None:
         raise click.UsageError("--verify checks an upload: use it with --ssh (for a local file use --sha256)")
     if output is not None and zstd_level is None and output != "-" and output.lower().endswith(ZSTD_SUFFIXES):
         zstd_level = DEFAULT_LEVEL
-    _run(_convert, input_path, output, force=force, quiet=quiet, progress=progress, exclude_zero=exclude_zero,
+
+    def run(**kwargs: Any) -> None:
+        _convert(_pick_input(input_path, vm, checkpoint, dirs, _Reporter(quiet, progress)), output, **kwargs)
+
+    _run(run, force=force, quiet=quiet, progress=progress, exclude_zero=exclude_zero,
          zstd_level=zstd_level, ssh_target=ssh_target, ssh_options=ssh_options, accept_new=ssh_accept_new,
          verify=verify, want_sha256=want_sha256)
 
@@ -227,13 +286,42 @@ def _write_digest_file(core: Path, digest: str) -> None:
 
 
 @main.command()
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path), required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--no-scan", is_flag=True, help="Do not search guest memory for the kernel (fast).")
 @click.option("--progress/--no-progress", default=None, help="Show progress on stderr.")
-def info(input_path: Path, as_json: bool, no_scan: bool, progress: bool | None) -> None:
+@_vm_options
+def info(input_path: Path | None, as_json: bool, no_scan: bool, progress: bool | None, vm: str | None,
+         checkpoint: str | None, dirs: tuple[Path, ...]) -> None:
     """Describe a saved state: VM, CPUs, memory ranges and the guest kernel found in memory."""
-    _run(_info, input_path, as_json, not no_scan, progress)
+    if input_path is not None and vm is not None:
+        raise click.UsageError("give INPUT or --vm, not both")
+    _vm_arguments(input_path if vm is None else None, None, vm, checkpoint)
+    _run(lambda: _info(_pick_input(input_path, vm, checkpoint, dirs), as_json, not no_scan, progress))
+
+
+@main.command("list")
+@click.argument("dirs", metavar="[DIR]...", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def list_cmd(dirs: tuple[Path, ...], as_json: bool) -> None:
+    """List the VMs and checkpoints under DIR and whether each has a saved state with memory.
+
+    DIR is a Hyper-V folder or a copy of one (the host's data root, or a VM's own folder); default on
+    Windows: the host's Hyper-V data root. Reads the host registry data.vmcx when there is one, and
+    scans Virtual Machines/ and Snapshots/ folders. Never reads guest memory.
+    """
+    _run(_list, dirs, as_json)
+
+
+def _list(dirs: tuple[Path, ...], as_json: bool) -> None:
+    from vm2core.hostcli import UsageError, choose_roots, render_list
+    from vm2core.reader.host import discover
+
+    roots = choose_roots(dirs)
+    if not roots:
+        raise UsageError("list: give DIR, a Hyper-V folder or a copy of one (only Windows has a default)")
+    inventory = discover(roots)
+    click.echo(json.dumps(inventory.to_json(), indent=2, ensure_ascii=False) if as_json else render_list(inventory))
 
 
 def _info(input_path: Path, as_json: bool, scan: bool, progress: bool | None) -> None:
