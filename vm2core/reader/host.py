@@ -547,6 +547,7 @@ def resolve_vm(vm: str, roots: Sequence[Path]) -> tuple[VirtualMachine, HostInve
         if len(same) == 1:
             return same[0], inv
         raise HostLookupError(f"--vm {vm}: not a readable VM configuration")
+    roots = list(roots) or default_roots()
     if as_path.is_dir():
         roots = [as_path]
     elif not roots:
@@ -567,7 +568,10 @@ def resolve_vm(vm: str, roots: Sequence[Path]) -> tuple[VirtualMachine, HostInve
 
 def resolve_saved_state(vm: str, checkpoint: str | None, roots: Sequence[Path]) -> Path:
     """The .vmrs holding memory for ``--vm VM [--checkpoint CHECKPOINT]``; HostLookupError or
-    NoMemoryError (the plain answer) otherwise.  ``vm`` may also be a .vmrs path (returned as is)."""
+    NoMemoryError (the plain answer) otherwise.  ``vm`` may also be a .vmrs path (returned as is).
+
+    ``roots``: the folders to search; empty means the host's own data root on Windows (none elsewhere).
+    """
     as_path = Path(vm)
     if checkpoint is None and as_path.is_file() and as_path.suffix.lower() in (".vmrs", ".vsv"):
         return as_path
