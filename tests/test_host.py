@@ -27,6 +27,7 @@ from tests.vmrs_writer.hyperv_host import (
 )
 from vm2core.reader import host as host_module
 from vm2core.reader.container import HyperVStorage
+from vm2core.reader.filekind import NoMemoryError
 from vm2core.reader.host import HostLookupError, discover, remap, resolve_saved_state
 
 A, B, C, D = ("A1A1A1A1-0000-4000-8000-00000000000A", "B2B2B2B2-0000-4000-8000-00000000000B",
@@ -206,6 +207,10 @@ def test_resolve_checkpoint(host: Host) -> None:
     assert resolve_saved_state("db-server", "std-run", [host.root]) == a.folder / "Snapshots" / f"{S1}.vmrs"
     assert resolve_saved_state(A, S1.lower(), [host.root]) == a.folder / "Snapshots" / f"{S1}.vmrs"
     assert resolve_saved_state(CAFE, "BEFORE", [host.root]) == host.vms[B].folder / "Snapshots" / f"{S3}.vmrs"
+    # A path to the VM's .vmcx or runtime .vmrs: its checkpoints are in the Snapshots folder beside it.
+    assert resolve_saved_state(str(a.vmcx), "std-run", []) == a.folder / "Snapshots" / f"{S1}.vmrs"
+    with pytest.raises(NoMemoryError, match="checkpoint 'prod run'"):
+        resolve_saved_state(str(a.vmrs), "prod run", [])
 
 
 def test_ambiguous_prefix_lists_the_candidates(host: Host) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -332,10 +333,10 @@ def scan(root: Path, notes: list[str]) -> tuple[list[Path], list[Path]]:
     """(VM configurations, checkpoint configurations) under ``root``, breadth first and bounded."""
     vms: list[Path] = []
     ckpts: list[Path] = []
-    queue: list[tuple[Path, int]] = [(root, 0)]
+    queue: deque[tuple[Path, int]] = deque([(root, 0)])
     visited = 0
     while queue:
-        folder, depth = queue.pop(0)
+        folder, depth = queue.popleft()
         visited += 1
         if visited > MAX_SCAN_DIRS:
             notes.append(f"scan of {root} stopped after {MAX_SCAN_DIRS} folders; name a deeper DIR")
@@ -456,12 +457,13 @@ def discover(roots: Sequence[Path]) -> HostInventory:
     return HostInventory(roots, ordered, orphans, notes)
 
 
-def _vm_from(config: Path, guid: str, source: str, notes: list[str]) -> VirtualMachine | None:
+def _vm_from(config: Path, guid: str | None, source: str, notes: list[str]) -> VirtualMachine | None:
     try:
         cfg = _read_config(config)
     except Vm2coreError as e:
         notes.append(f"skipped {config}: {e}")
         return None
+    guid = guid or cfg.guid
     data_roots = [config.parent.parent]
     if cfg.snapshot_data_root:
         mapped = remap(cfg.snapshot_data_root, [config.parent.parent])
@@ -540,13 +542,7 @@ def resolve_vm(vm: str, roots: Sequence[Path]) -> tuple[VirtualMachine, HostInve
     """The VM named by GUID, configuration path or folder, exact name or unique prefix."""
     as_path = Path(vm)
     if as_path.is_file() and as_path.suffix.lower() == ".vmcx":
-        inv = discover([as_path.parent.parent])
-        guid = normal_guid(as_path.stem) if is_guid(as_path.stem) else None
-        same = [v for v in inv.vms if v.config is not None and
-                (v.guid == guid or _same_path_key(v.config) == _same_path_key(as_path))]
-        if len(same) == 1:
-            return same[0], inv
-        raise HostLookupError(f"--vm {vm}: not a readable VM configuration")
+        return _vm_of_config(as_path)
     roots = list(roots) or default_roots()
     if as_path.is_dir():
         roots = [as_path]
@@ -564,6 +560,21 @@ def resolve_vm(vm: str, roots: Sequence[Path]) -> tuple[VirtualMachine, HostInve
     found = hits[0]
     assert isinstance(found, VirtualMachine)
     return found, inv
+
+
+def _vm_of_config(config: Path) -> tuple[VirtualMachine, HostInventory]:
+    """The VM of one .vmcx and the checkpoints in the Snapshots folder of its data root (no wider scan)."""
+    notes: list[str] = []
+    found = _vm_from(config, None, "path", notes)
+    if found is None:
+        raise HostLookupError(f"--vm {config}: not a readable VM configuration ({'; '.join(notes)})")
+    configs: list[Path] = []
+    for data_root in found.data_roots:
+        folder = _child_ci(data_root, "Snapshots")
+        if folder is not None and folder.is_dir():
+            configs += _configs_in(folder, notes)
+    orphans = _attach_checkpoints([found], configs, notes)
+    return found, HostInventory([config.parent], [found], orphans, notes)
 
 
 def resolve_saved_state(vm: str, checkpoint: str | None, roots: Sequence[Path]) -> Path:
