@@ -119,6 +119,7 @@ def test_list_json(host: Host) -> None:
     assert [k["guid"] for k in report["unmatched_checkpoints"]] == [ORPHAN]
     text = json.dumps(report)
     assert PLANNED not in text and CACHED_SNAPSHOT not in text and "stale cache copy" not in text
+    assert "5B5B5B5B" not in text, "registry ResourceTypes entries are not VMs"
 
 
 def test_list_text(host: Host) -> None:
@@ -279,3 +280,55 @@ def test_lookup_errors(host: Host, tmp_path: Path) -> None:
 def test_resolver_module_is_importable_without_cli() -> None:
     """The lead wires resolve_saved_state into other commands (dmesg): it must not need click."""
     assert "click" not in host_module.__dict__
+
+
+# --- the Windows default root ------------------------------------------------------------------------
+
+class _FakeKey:
+    def __enter__(self) -> _FakeKey:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _fake_winreg(value: str | None) -> object:
+    """A stand-in for the winreg module: the Virtualization key, with or without DefaultExternalDataRoot."""
+    import types
+
+    module = types.ModuleType("winreg")
+    opened: list[str] = []
+
+    def open_key(hive: object, path: str) -> _FakeKey:
+        opened.append(path)
+        if value is None:
+            raise FileNotFoundError(2, "The system cannot find the file specified")
+        return _FakeKey()
+
+    def query(key: object, name: str) -> tuple[str, int]:
+        assert name == "DefaultExternalDataRoot"
+        return value or "", 2
+
+    module.HKEY_LOCAL_MACHINE = object()  # type: ignore[attr-defined]
+    module.OpenKey = open_key  # type: ignore[attr-defined]
+    module.QueryValueEx = query  # type: ignore[attr-defined]
+    module.opened = opened  # type: ignore[attr-defined]
+    return module
+
+
+def test_default_root_on_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(host_module.sys, "platform", "win32")
+    fake = _fake_winreg("%VMROOT%")
+    monkeypatch.setitem(__import__("sys").modules, "winreg", fake)
+    monkeypatch.setenv("VMROOT", "/srv/vms")
+    assert host_module.default_roots() == [Path("/srv/vms")]
+    assert fake.opened == [r"SOFTWARE\Microsoft\Windows NT\CurrentVersion\Virtualization"]  # type: ignore[attr-defined]
+    # No registry value: %ProgramData%\Microsoft\Windows\Hyper-V.
+    monkeypatch.setitem(__import__("sys").modules, "winreg", _fake_winreg(None))
+    monkeypatch.setenv("PROGRAMDATA", "/pd")
+    assert host_module.default_roots() == [Path("/pd") / "Microsoft" / "Windows" / "Hyper-V"]
+
+
+def test_no_default_root_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(host_module.sys, "platform", "linux")
+    assert host_module.default_roots() == []

@@ -17,6 +17,7 @@ unknown.  The checkpoint name is ``configuration/properties/name`` of the checkp
 
 from __future__ import annotations
 
+import ntpath
 import os
 import sys
 from collections import deque
@@ -172,7 +173,7 @@ def default_roots() -> list[Path]:
 
         with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, HYPERV_REGISTRY_KEY) as key:
             value, _type = winreg.QueryValueEx(key, HYPERV_REGISTRY_VALUE)
-            root = os.path.expandvars(str(value)) if value else None
+            root = ntpath.expandvars(str(value)) if value else None     # REG_EXPAND_SZ: %VAR% form
     except (ImportError, OSError):
         root = None
     if not root:
