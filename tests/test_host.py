@@ -143,6 +143,12 @@ def test_list_of_a_single_vm_folder(host: Host) -> None:
     assert [(v["name"], v["source"], len(v["checkpoints"])) for v in report["vms"]] == [(CAFE, "scan", 1)]
 
 
+def test_list_of_a_virtual_machines_folder(host: Host) -> None:
+    """DIR may be the "Virtual Machines" folder itself; checkpoints come from the Snapshots folder beside it."""
+    inv = discover([host.vms[B].folder / "Virtual Machines"])
+    assert [(v.name, [c.name for c in v.checkpoints]) for v in inv.vms] == [(CAFE, ["before upgrade"])]
+
+
 def test_list_needs_a_dir_outside_windows(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("list"), 2, "give DIR")
 

@@ -334,6 +334,10 @@ def scan(root: Path, notes: list[str]) -> tuple[list[Path], list[Path]]:
     """(VM configurations, checkpoint configurations) under ``root``, breadth first and bounded."""
     vms: list[Path] = []
     ckpts: list[Path] = []
+    if root.name.lower() == VMS_FOLDER:           # DIR is itself a "Virtual Machines" or "Snapshots" folder
+        return _configs_in(root, notes), ckpts
+    if root.name.lower() == SNAPSHOTS_FOLDER:
+        return vms, _configs_in(root, notes)
     queue: deque[tuple[Path, int]] = deque([(root, 0)])
     visited = 0
     while queue:
