@@ -481,6 +481,10 @@ def _vm_from(config: Path, guid: str | None, source: str, notes: list[str]) -> V
 
 def _attach_checkpoints(vms: list[VirtualMachine], configs: Iterable[Path], notes: list[str]) -> list[Checkpoint]:
     by_guid = {vm.guid: vm for vm in vms}
+    by_root: dict[str, list[VirtualMachine]] = {}
+    for vm in vms:
+        for key in {_same_path_key(r) for r in vm.data_roots}:
+            by_root.setdefault(key, []).append(vm)
     orphans: list[Checkpoint] = []
     done: set[str] = set()
     for config in configs:
@@ -499,8 +503,7 @@ def _attach_checkpoints(vms: list[VirtualMachine], configs: Iterable[Path], note
             owner, ckpt.vm_match = by_guid[cfg.logical_id], "logical_id"
         else:
             # §7.5: else the one VM whose data root holds this Snapshots folder.
-            here = _same_path_key(config.parent.parent)
-            owners = [vm for vm in vms if any(_same_path_key(r) == here for r in vm.data_roots)]
+            owners = by_root.get(_same_path_key(config.parent.parent), [])
             if len(owners) == 1:
                 owner, ckpt.vm_match = owners[0], "folder"
         if owner is None:
