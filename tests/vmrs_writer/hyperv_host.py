@@ -90,9 +90,10 @@ def registry(vms: dict[str, str], caches: dict[str, str] | None = None,
     return values
 
 
-# The replay-log shape Hyper-V writes for data.vmcx and runtime .vmrs files (issue 7).
-HYPERV_LOG_SHAPE = WriterOptions(replay_log_offset=0x8000, replay_log_region_size=0x4000,
-                                 replay_log_bytes_in_file=0x3024)
+# The replay-log shape Hyper-V writes for data.vmcx and runtime .vmrs files (issue 7): the log last, its
+# 0x4000-byte region running past the end of the file (placed right after the other objects, so any number
+# of keys fits; tests/test_replay_log_shapes.py reproduces the exact offsets).
+HYPERV_LOG_SHAPE = WriterOptions(replay_log_region_size=0x4000, replay_log_bytes_in_file=0x3024)
 
 
 def write_saved_state(path: Path, size_mib: int = 2) -> int:
