@@ -99,3 +99,31 @@ def test_saved_state_with_hyperv_log_shape_converts(tmp_path: Path) -> None:
     result = run_cli(path, out, "-q")
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_pending_entries_must_fit_the_region(tmp_path: Path) -> None:
+    path = tmp_path / "small-region.vmcx"
+    write_hvs(path, config_keys(), WriterOptions(dirty_replay_log=True, replay_log_region_size=40,
+                                                 replay_log_bytes_in_file=0x2000))
+    result = run_cli("inspect", path)
+    assert result.returncode == 2 and "1 pending entries do not fit the 40-byte log region" in result.stderr
+
+
+def test_dirty_log_with_region_past_eof_is_reported(tmp_path: Path) -> None:
+    """Entries inside the file, region past it: opens, and the log is dirty."""
+    path = tmp_path / "dirty.vmcx"
+    write_hvs(path, config_keys(), WriterOptions(dirty_replay_log=True, replay_log_region_size=0x8000))
+    report = json.loads(run_cli("inspect", "--json", path).stdout)
+    assert report["dirty_replay_log"] is True
+    assert report["replay_log"]["entries"] == 1 and report["replay_log"]["state"] == "dirty"
+    assert report["replay_log"]["region_past_end_of_file"] is True
+
+
+def test_log_header_crc_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "crc.vmcx"
+    write_hvs(path, config_keys(), shaped(0x8000, 0x4000, 0xB024))
+    data = bytearray(path.read_bytes())
+    data[0x8000 + 20] ^= 0xFF                 # a byte the reader does not otherwise use
+    path.write_bytes(bytes(data))
+    log = json.loads(run_cli("inspect", "--json", path).stdout)["replay_log"]
+    assert log["header_crc_ok"] is False and log["state"] == "clean"
