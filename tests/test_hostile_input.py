@@ -236,7 +236,7 @@ def test_configuration_file_is_not_a_saved_state(tmp_path: Path) -> None:
                          "/configuration/properties/name": b"not a saved state",
                          "/configuration/settings/memory/bank/size": int_value(2048)})
     rejected(path)
-    cli_rejects(path, tmp_path, "key tree")
+    cli_rejects(path, tmp_path, "is a VM configuration", "not a saved state")
     listing = run_cli("inspect", path)       # ...but `inspect` lists what is inside
     assert listing.returncode == 0 and listing.stderr == ""
     assert b"/configuration/properties/name" in listing.stdout
@@ -246,7 +246,8 @@ def test_configuration_file_gets_the_vmcx_hint(tmp_path: Path) -> None:
     path = tmp_path / "vm.vmcx"
     write_storage(path, {"/configuration/properties/version": int_value(0x0A00),
                          "/configuration/properties/name": b"not a saved state"})
-    cli_rejects(path, tmp_path, "not a VM saved state")
+    cli_rejects(path, tmp_path, "is a VM configuration (VM name not recorded), not a saved state; "
+                "its saved state is vm.vmrs beside it")
 
 
 @pytest.mark.parametrize(("version", "fragment"), [(0x0500, "pre-2016"), (0x0400, "pre-2016"),
@@ -350,14 +351,32 @@ def test_truncated_every_4k_and_inside_structures(tiny: tuple[Path, bytes, Layou
     assert accepted == []
 
 
-def test_truncated_in_replay_log(tiny_unchained: Path, tmp_path: Path) -> None:
+def test_cut_in_clean_replay_log_still_opens(tiny_unchained: Path, tmp_path: Path) -> None:
+    """Hyper-V's own files end inside the log region (issue 7): a clean log never makes a file unreadable.
+
+    Cut before the log header, inside it, and after it: every key and all memory stay readable; a
+    missing or cut header counts as an empty log.
+    """
     data = tiny_unchained.read_bytes()
     lay = layout_of(tiny_unchained)
     assert lay.replay_log is not None and lay.replay_log + 4096 == len(data), "replay log must be last"
-    for cut in (lay.replay_log, lay.replay_log + 6, lay.replay_log + 2048):
+    for cut, header_present in ((lay.replay_log, False), (lay.replay_log + 6, False),
+                                (lay.replay_log + 2048, True)):
         target = tmp_path / f"cut{cut:x}.vmrs"
         target.write_bytes(data[:cut])
-        rejected(target)
+        with HyperVStorage.open(target) as c:
+            assert c.replay_log is not None and c.replay_log.header_present is header_present
+            assert c.replay_log.region_past_eof and not c.replay_log.dirty
+        assert convert_in_process(target) > 0
+
+
+def test_cut_in_pending_replay_log_entries(guest: SyntheticGuest, tmp_path: Path) -> None:
+    """A dirty log's entries hold data: cut inside them, the file is truncated (one line, exit 2)."""
+    path = tmp_path / "dirty.vmrs"
+    write_tiny_vmrs(path, guest.vps, dirty_replay_log=True, replay_log_bytes_in_file=34 + 10)
+    err = rejected(path)
+    assert "replay log" in str(err) and "beyond the end of the file" in str(err)
+    cli_rejects(path, tmp_path, "replay log", "pending entries")
 
 
 def test_truncated_files_on_the_cli(tiny: tuple[Path, bytes, Layout], tmp_path: Path) -> None:

@@ -38,6 +38,12 @@ Examples:
   vm2core GUEST.vmrs GUEST.core
   vm2core GUEST.vmrs - | zstd > GUEST.core.zst
   vm2core info GUEST.vmrs
+  vm2core list DIR                      (on Windows: vm2core list)
+  vm2core --vm "web 01" --checkpoint before-upgrade web01.core
+\b
+Windows PowerShell 5.1 corrupts binary data in pipes and > redirections: write to an OUTPUT file,
+use --ssh, or run the pipe in cmd: cmd /c "vm2core x.vmrs - | zstd > x.zst" (PowerShell >= 7.4 is
+byte-safe, but never with 2>&1).
 """
 
 
@@ -103,7 +109,60 @@ def main() -> None:
     vm2core X.vsv X.bin OUTPUT  convert a legacy pair (through Microsoft's DLL)
     vm2core info INPUT          describe the saved state and the guest kernel in it
     vm2core inspect INPUT       list the raw keys of any HyperVStorage file (a page census of others)
+    vm2core list [DIR]          list the VMs and checkpoints of a Hyper-V host (or a copied folder)
+    vm2core --vm NAME OUTPUT    convert a VM's saved state found by name (--checkpoint NAME too)
     """
+    # VM names may hold any character; a Windows pipe's code page must not turn one into a traceback.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
+_VM_OPTIONS = [
+    click.option("--vm", "vm", metavar="NAME|GUID|PATH",
+                 help="Take the saved state of this VM (name, unique name prefix, GUID, or its .vmcx/folder) "
+                      "instead of INPUT; `vm2core list` shows the VMs."),
+    click.option("--checkpoint", "checkpoint", metavar="NAME|GUID",
+                 help="With --vm: take this checkpoint's saved state instead of the VM's."),
+    click.option("--dir", "dirs", multiple=True, type=click.Path(path_type=Path), metavar="DIR",
+                 help="Where --vm looks (repeatable): a Hyper-V folder or a copy of one. "
+                      "Default on Windows: the host's Hyper-V data root."),
+]
+
+
+def _vm_options(func: Any) -> Any:
+    for option in reversed(_VM_OPTIONS):
+        func = option(func)
+    return func
+
+
+def _pick_input(input_path: Path | None, vm: str | None, checkpoint: str | None, dirs: tuple[Path, ...],
+                rep: _Reporter | None = None) -> Path:
+    """INPUT as given, or the saved state --vm/--checkpoint names (the plain answer if it holds no memory)."""
+    if vm is None:
+        assert input_path is not None
+        return input_path
+    from vm2core.hostcli import choose_roots
+    from vm2core.reader.host import resolve_saved_state
+
+    path = resolve_saved_state(vm, checkpoint, choose_roots(dirs))
+    if rep is not None:
+        rep.say(f"using {path}")
+    return path
+
+
+def _vm_arguments(input_path: Path | None, output: str | None, vm: str | None,
+                  checkpoint: str | None) -> tuple[Path | None, str | None]:
+    """With --vm the only positional argument is OUTPUT."""
+    if checkpoint is not None and vm is None:
+        raise click.UsageError("--checkpoint needs --vm")
+    if vm is None:
+        if input_path is None:
+            raise click.UsageError("give INPUT (a .vmrs file) or --vm NAME")
+        return input_path, output
+    if output is not None:
+        raise click.UsageError("with --vm give only OUTPUT, not INPUT")
+    return None, None if input_path is None else str(input_path)
 
 
 def _backend_options(func: Any) -> Any:
@@ -133,7 +192,7 @@ def _split_inputs(args: tuple[str, ...], ssh_target: str | None) -> tuple[list[P
 
 
 @main.command("convert", epilog=EPILOG)
-@click.argument("paths", metavar="INPUT [INPUT2] OUTPUT", nargs=-1, required=True)
+@click.argument("paths", metavar="INPUT [INPUT2] OUTPUT", nargs=-1)
 @click.option("-f", "--force", is_flag=True,
               help="Overwrite OUTPUT (or the remote file) if it exists; allow a terminal as stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
@@ -156,11 +215,16 @@ def _split_inputs(args: tuple[str, ...], ssh_target: str | None) -> tuple[list[P
 @click.option("--sha256", "want_sha256", is_flag=True,
               help="Print the SHA-256 of the bytes written (and write OUTPUT.sha256 for a file).")
 @_backend_options
+@_vm_options
 def convert_cmd(paths: tuple[str, ...], force: bool, quiet: bool, progress: bool | None,
                 exclude_zero: bool, zstd_level: int | None, ssh_target: str | None, ssh_options: tuple[str, ...],
-                ssh_accept_new: bool, verify: bool, want_sha256: bool, backend: str, dll: Path | None) -> None:
+                ssh_accept_new: bool, verify: bool, want_sha256: bool, backend: str, dll: Path | None,
+                vm: str | None, checkpoint: str | None, dirs: tuple[Path, ...]) -> None:
     """Convert INPUT (.vmrs, or a legacy .vsv and .bin in either order) into an ELF core at OUTPUT
     ("-" for standard output) or on a remote host.
+
+    With --vm NAME [--checkpoint NAME] the saved state is found by name, GUID or path instead of INPUT
+    (`vm2core --vm web01 web01.core`).
 
     A local core is written to a temporary file beside OUTPUT and renamed when complete; an
     upload goes to PATH.partial and is renamed when complete. The core carries one PT_LOAD per
@@ -168,12 +232,24 @@ def convert_cmd(paths: tuple[str, ...], force: bool, quiet: bool, progress: bool
     guest kernel's own VMCOREINFO note, so `crash vmlinux OUTPUT` and `drgn -c OUTPUT` need no
     extra options.
     """
-    inputs, output = _split_inputs(paths, ssh_target)
+    if vm is None:
+        if checkpoint is not None:
+            raise click.UsageError("--checkpoint needs --vm")
+        inputs, output = _split_inputs(paths, ssh_target)
+    else:
+        if len(paths) > 1 or (len(paths) == 1) == (ssh_target is not None):
+            raise click.UsageError("with --vm give only OUTPUT (or --ssh), not INPUT")
+        inputs, output = [], (paths[0] if paths else None)
     if verify and ssh_target is None:
         raise click.UsageError("--verify checks an upload: use it with --ssh (for a local file use --sha256)")
     if output is not None and zstd_level is None and output != "-" and output.lower().endswith(ZSTD_SUFFIXES):
         zstd_level = DEFAULT_LEVEL
-    _run(_convert, inputs, output, force=force, quiet=quiet, progress=progress, exclude_zero=exclude_zero,
+
+    def run(**kwargs: Any) -> None:
+        chosen = inputs or [_pick_input(None, vm, checkpoint, dirs, _Reporter(quiet, progress))]
+        _convert(chosen, output, **kwargs)
+
+    _run(run, force=force, quiet=quiet, progress=progress, exclude_zero=exclude_zero,
          zstd_level=zstd_level, ssh_target=ssh_target, ssh_options=ssh_options, accept_new=ssh_accept_new,
          verify=verify, want_sha256=want_sha256, backend=backend, dll=dll)
 
@@ -266,18 +342,51 @@ def _write_digest_file(core: Path, digest: str) -> None:
 
 
 @main.command()
-@click.argument("input_paths", metavar="INPUT [INPUT2]", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("input_paths", metavar="INPUT [INPUT2]", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--no-scan", is_flag=True, help="Do not search guest memory for the kernel (fast).")
 @click.option("--progress/--no-progress", default=None, help="Show progress on stderr.")
 @_backend_options
+@_vm_options
 def info(input_paths: tuple[Path, ...], as_json: bool, no_scan: bool, progress: bool | None, backend: str,
-         dll: Path | None) -> None:
+         dll: Path | None, vm: str | None, checkpoint: str | None, dirs: tuple[Path, ...]) -> None:
     """Describe a saved state (a .vmrs, or a .vsv and its .bin): VM, CPUs, memory ranges and the guest
     kernel found in memory."""
     if len(input_paths) > 2:
         raise click.UsageError("give one .vmrs, or a .vsv and its .bin")
-    _run(_info, list(input_paths), as_json, not no_scan, progress, backend, dll)
+    if input_paths and vm is not None:
+        raise click.UsageError("give INPUT or --vm, not both")
+    _vm_arguments(input_paths[0] if input_paths else None, None, vm, checkpoint)
+
+    def run() -> None:
+        inputs = list(input_paths) or [_pick_input(None, vm, checkpoint, dirs)]
+        _info(inputs, as_json, not no_scan, progress, backend, dll)
+
+    _run(run)
+
+
+@main.command("list")
+@click.argument("dirs", metavar="[DIR]...", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def list_cmd(dirs: tuple[Path, ...], as_json: bool) -> None:
+    """List the VMs and checkpoints under DIR and whether each has a saved state with memory.
+
+    DIR is a Hyper-V folder or a copy of one (the host's data root, or a VM's own folder); default on
+    Windows: the host's Hyper-V data root. Reads the host registry data.vmcx when there is one, and
+    scans Virtual Machines/ and Snapshots/ folders. Never reads guest memory.
+    """
+    _run(_list, dirs, as_json)
+
+
+def _list(dirs: tuple[Path, ...], as_json: bool) -> None:
+    from vm2core.hostcli import UsageError, choose_roots, render_list
+    from vm2core.reader.host import discover
+
+    roots = choose_roots(dirs)
+    if not roots:
+        raise UsageError("list: give DIR, a Hyper-V folder or a copy of one (only Windows has a default)")
+    inventory = discover(roots)
+    click.echo(json.dumps(inventory.to_json(), indent=2, ensure_ascii=False) if as_json else render_list(inventory))
 
 
 def _info(inputs: list[Path], as_json: bool, scan: bool, progress: bool | None, backend: Any = "auto",
@@ -380,9 +489,12 @@ def _inspect(input_path: Path, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps({"format_version": c.header.format_version,
                                    "dirty_replay_log": bool(c.replay_log and c.replay_log.dirty),
+                                   "replay_log": c.replay_log.describe() if c.replay_log else None,
                                    "keys": rows}, indent=2))
             return
         click.echo(f"# HyperVStorage {c.header.format_version >> 8}.{c.header.format_version & 0xff}, "
                    f"{len(rows)} keys")
+        if c.replay_log is not None:
+            click.echo(f"# replay log: {c.replay_log.describe()['state']}")
         for row in rows:
             click.echo(f"{row['type']:<7} {row['size']:>10}  {row['path']}")

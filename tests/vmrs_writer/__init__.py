@@ -7,7 +7,7 @@ chunk layouts; ramblock: record policies).
 
 from tests.vmrs_writer.options import BlockEncoder, PagePolicy, RangeSpec, WriterOptions
 from tests.vmrs_writer.sources import ram_from_bytes, ram_from_file
-from tests.vmrs_writer.writer import write_vmrs
+from tests.vmrs_writer.writer import write_hvs, write_vmrs
 
 __all__ = ["BlockEncoder", "PagePolicy", "RangeSpec", "WriterOptions", "ram_from_bytes", "ram_from_file",
-           "write_vmrs"]
+           "write_hvs", "write_vmrs"]

@@ -67,3 +67,10 @@ class WriterOptions:
     # Bytes stored per RamMemoryBlock value: 48 is the v3 layout; other sizes (older, undocumented layouts)
     # are the v3 bytes cut or zero-padded, for testing that a reader reports them instead of guessing.
     memory_block_size: int = 48
+    # Replay-log shapes of files Hyper-V itself writes (issue 7; hyperv-host-files.md): the file header
+    # names a log REGION that runs past the end of the file around a present, empty log header, e.g.
+    # 0x4000 bytes at 0x8000 in a 0xB024-byte file, or 0x5000 bytes at 0x9000 in a 0xC05E-byte file.
+    # Setting any of these puts the log last in the file (after chained object tables).
+    replay_log_offset: int | None = None        # place the log here (zero gap before it); None: next free
+    replay_log_region_size: int | None = None   # size written in the file header; None: the bytes written
+    replay_log_bytes_in_file: int | None = None  # the file ends this far into the region (0: no log header)

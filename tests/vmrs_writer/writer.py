@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 from tests.vmrs_writer.keystore import (
     KeyStore,
+    KeyValue,
     array_value,
     bool_value,
     double_value,
@@ -233,27 +234,66 @@ def write_vmrs(path: str | Path, ranges: list[RangeSpec], vps: list[VpState],
 
         _write_ram_blocks(writer, keys, placed, encoder, names["ram_block"])
 
-        sequence = 2 if opts.duplicate_stale_keytable else 1
-        tables = keys.build_tables(key_table_size, sequence)
-        table_objects = [_Object(OBJ_KEY_TABLE, writer.append(t, None), key_table_size) for t in tables]
-        if opts.duplicate_stale_keytable:
-            # An older (sequence 1) copy of table 1 with wrong values, listed right after the current one.
-            stale = keys.build_tables(key_table_size, 1, mutate=stale_mutator)[0]
-            table_objects.insert(1, _Object(OBJ_KEY_TABLE, writer.append(stale, None), key_table_size))
+        _finish_container(file, writer, keys, opts, key_table_size, slots, root_table_size)
 
-        replay_offset, replay_size = _write_replay_log(writer, tables[0], table_objects[0].offset,
-                                                       dirty=opts.dirty_replay_log)
 
-        entries = [pack_object_entry(o.obj_type, o.offset, o.size, _entry_flags(o.obj_type, opts.flag_style))
-                   for o in table_objects + writer.objects]
+def write_hvs(path: str | Path, values: dict[str, KeyValue | bytes], options: WriterOptions | None = None) -> None:
+    """A HyperVStorage file holding exactly ``values`` (no saved state): a .vmcx, data.vmcx or runtime .vmrs.
+
+    ``bytes`` become arrays; values of 2048 bytes or more go to file objects (as for write_vmrs). Only
+    the container options of WriterOptions apply (format version, tables, headers, replay log).
+    """
+    opts = options or WriterOptions()
+    keys = KeyStore(utf16_names=opts.format_version == 0x0100)
+    slots = opts.object_table_entries
+    root_table_size = align_up(OBJECT_TABLE_HEADER.size + slots * OBJECT_ENTRY.size)
+    with open(path, "w+b") as file:
+        writer = _ObjectWriter(file, ROOT_OBJECT_TABLE_OFFSET + root_table_size)
+        for key, value in values.items():
+            if isinstance(value, (bytes, bytearray)):
+                value = (file_object_value(len(value), writer.append(bytes(value), OBJ_FILE_OBJECT))
+                         if len(value) >= FILE_OBJECT_THRESHOLD else array_value(bytes(value)))
+            keys.put(key, value)
+        _finish_container(file, writer, keys, opts, opts.key_table_size, slots, root_table_size)
+
+
+def _finish_container(file: BinaryIO, writer: _ObjectWriter, keys: KeyStore, opts: WriterOptions,
+                      key_table_size: int, slots: int, root_table_size: int) -> None:
+    """Key tables, replay log, object tables and header copies after the file objects."""
+    sequence = 2 if opts.duplicate_stale_keytable else 1
+    tables = keys.build_tables(key_table_size, sequence)
+    table_objects = [_Object(OBJ_KEY_TABLE, writer.append(t, None), key_table_size) for t in tables]
+    if opts.duplicate_stale_keytable:
+        # An older (sequence 1) copy of table 1 with wrong values, listed right after the current one.
+        stale = keys.build_tables(key_table_size, 1, mutate=stale_mutator)[0]
+        table_objects.insert(1, _Object(OBJ_KEY_TABLE, writer.append(stale, None), key_table_size))
+
+    entries = [pack_object_entry(o.obj_type, o.offset, o.size, _entry_flags(o.obj_type, opts.flag_style))
+               for o in table_objects + writer.objects]
+    shaped = (opts.replay_log_offset, opts.replay_log_region_size, opts.replay_log_bytes_in_file) != (None,) * 3
+    if shaped:
+        # Hyper-V's shape: the log is the last thing in the file, and its region may run past the end.
         _write_object_tables(writer, entries, slots, root_table_size, opts.flag_style)
+        if opts.replay_log_offset is not None:
+            if opts.replay_log_offset < writer.data_end or opts.replay_log_offset % DATA_ALIGNMENT:
+                raise ValueError(f"replay_log_offset must be aligned and >= {writer.data_end:#x}")
+            writer.data_end = opts.replay_log_offset
+    replay_offset, replay_size = _write_replay_log(writer, tables[0], table_objects[0].offset,
+                                                   dirty=opts.dirty_replay_log)
+    if not shaped:
+        _write_object_tables(writer, entries, slots, root_table_size, opts.flag_style)
+    else:
+        if opts.replay_log_region_size is not None:
+            replay_size = opts.replay_log_region_size
+        if opts.replay_log_bytes_in_file is not None:
+            file.truncate(replay_offset + opts.replay_log_bytes_in_file)
 
-        current = HeaderFields(opts.format_version, 0, replay_offset, replay_size, REPLAY_LOG_HEADER_SIZE)
-        copies = _header_copies(current, opts)
-        for offset, copy in zip(HEADER_COPY_OFFSETS, copies, strict=True):
-            file.seek(offset)
-            file.write(copy)
-        file.flush()
+    current = HeaderFields(opts.format_version, 0, replay_offset, replay_size, REPLAY_LOG_HEADER_SIZE)
+    copies = _header_copies(current, opts)
+    for offset, copy in zip(HEADER_COPY_OFFSETS, copies, strict=True):
+        file.seek(offset)
+        file.write(copy)
+    file.flush()
 
 
 def _write_ram_blocks(writer: _ObjectWriter, keys: KeyStore, placed: list[_PlacedRange],

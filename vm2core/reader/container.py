@@ -7,6 +7,12 @@ copied or decoded without going through a Python-level copy of the whole value).
 Sources of the facts (see ``vmrs-format.md`` §1): [FMT] OpenVMM ``support/hvs_file/FORMAT.md``,
 [DIS] dissect.hypervisor ``c_hyperv.py``.  Every size read from the file is checked against
 the file size or the table that contains it before it is used.
+
+What must lie inside the file is what holds data: a header copy (a missing one is only noted), the
+object tables, the key tables, the bytes of every referenced file object, and a replay log's header
+and pending entries when the header is there.  What Hyper-V does not keep inside the file is not
+required: the rest of the replay-log region (files Hyper-V writes end inside it), a log header past
+the end (counted as an empty log), and the objects behind empty, free or unknown object-table entries.
 """
 
 from __future__ import annotations
@@ -54,9 +60,13 @@ FILE_OBJECT_REF = struct.Struct("<IQ")  # {u32 size, u64 file_offset}
 LENGTH_PREFIX = struct.Struct("<I")     # string and array values
 MAX_KEY_DEPTH = 64
 
-# [DIS] replay log header {u32 signature, u32 crc, u32 entry_count, ..., u32 max_entries}.
-REPLAY_LOG_HEADER = struct.Struct("<III")
+# Replay log header, 34 bytes ([DIS] HyperVStorageReplayLog, [FMT] defs.rs agree on these fields):
+# {u32 signature, u32 crc (of the 34 bytes, crc zeroed), u32 entry_count, u8, u32 max_entries, 17 bytes}.
+REPLAY_LOG_HEADER = struct.Struct("<IIIBI17x")
 REPLAY_LOG_SIGNATURE = 0x01110003
+# Entries follow the header, 28 bytes each ([DIS] and [FMT] agree on the size, not on the field order,
+# so vm2core does not interpret them: it never applies the log, it only reports that one is pending).
+REPLAY_LOG_ENTRY_SIZE = 28
 
 
 @dataclass(frozen=True)
@@ -84,15 +94,41 @@ class ObjectEntry:
 
 @dataclass(frozen=True)
 class ReplayLog:
+    """The replay log named by the file header.
+
+    Hyper-V reserves a log *region* (``size`` bytes) that may run past the end of the file: only
+    the header and the pending entries hold data.  A header that lies (partly) past the end of
+    the file is reported as ``header_present=False`` and counts as an empty log.
+    """
+
     offset: int
     size: int
     signature_ok: bool
     entry_count: int
+    header_present: bool = True
+    crc_ok: bool = True
+    file_size: int = 0
 
     @property
     def dirty(self) -> bool:
         """A non-zero entry count means changes were never committed into the file body."""
         return self.signature_ok and self.entry_count > 0
+
+    @property
+    def region_past_eof(self) -> bool:
+        return self.offset + self.size > self.file_size
+
+    def describe(self) -> dict[str, object]:
+        """What ``inspect --json`` shows."""
+        if not self.header_present:
+            state = "absent (header past the end of the file; counted as empty)"
+        elif not self.signature_ok:
+            state = "no log header (bad signature; counted as empty)"
+        else:
+            state = "dirty" if self.dirty else "clean"
+        return {"offset": self.offset, "region_size": self.size, "region_past_end_of_file": self.region_past_eof,
+                "header_present": self.header_present, "signature_ok": self.signature_ok,
+                "header_crc_ok": self.crc_ok, "entries": self.entry_count, "state": state}
 
 
 class _RawKey(NamedTuple):
@@ -361,14 +397,29 @@ class HyperVStorage:
     # --- replay log -----------------------------------------------------------------------
 
     def _read_replay_log(self) -> ReplayLog | None:
+        """The log header and its pending entries must be in the file; the rest of the region need not.
+
+        Files Hyper-V writes name a region that runs past the end of the file (e.g. 0x4000 bytes
+        at 0x8000 in a 0xB024-byte file) around a present, empty log header; that is normal.
+        """
         off, size = self.header.replay_log_offset, self.header.replay_log_size
         if off == 0:
             return None
-        if off + max(size, REPLAY_LOG_HEADER.size) > self.file_size:
-            raise self._error(f"replay log ({size} bytes at {off:#x}) lies beyond the end of the file "
+        if off + REPLAY_LOG_HEADER.size > self.file_size:
+            return ReplayLog(off, size, False, 0, header_present=False, crc_ok=False, file_size=self.file_size)
+        raw = self.read_at(off, REPLAY_LOG_HEADER.size, "replay log header")
+        sig, crc, count, _reserved, _max_entries = REPLAY_LOG_HEADER.unpack(raw)
+        if sig != REPLAY_LOG_SIGNATURE:
+            return ReplayLog(off, size, False, 0, crc_ok=False, file_size=self.file_size)
+        crc_ok = zlib.crc32(raw[:4] + b"\0\0\0\0" + raw[8:]) == crc
+        entries_end = off + REPLAY_LOG_HEADER.size + count * REPLAY_LOG_ENTRY_SIZE
+        if count and entries_end > off + max(size, REPLAY_LOG_HEADER.size):
+            raise self._error(f"{count} pending entries do not fit the {size}-byte log region", "replay log",
+                              off + 8)
+        if entries_end > self.file_size:
+            raise self._error(f"{count} pending entries (up to {entries_end:#x}) lie beyond the end of the file "
                               f"({self.file_size:#x} bytes): truncated?", "replay log", off)
-        sig, _crc, count = REPLAY_LOG_HEADER.unpack(self.read_at(off, REPLAY_LOG_HEADER.size, "replay log"))
-        return ReplayLog(off, size, sig == REPLAY_LOG_SIGNATURE, count if sig == REPLAY_LOG_SIGNATURE else 0)
+        return ReplayLog(off, size, True, count, crc_ok=crc_ok, file_size=self.file_size)
 
     # --- key access -----------------------------------------------------------------------
 

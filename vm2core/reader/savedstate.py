@@ -93,8 +93,11 @@ class SavedState:
     ram_block_key = RAM_BLOCK_KEY
 
     def __init__(self, container: HyperVStorage) -> None:
+        from vm2core.reader.filekind import require_memory  # filekind builds on this module's key names
+
         self.container = container
         self.path = container.path
+        require_memory(container)   # a configuration or runtime file gets a plain answer, not a key error
         self.vm_version = self._vm_version()
         self.saved_state_type = container.read_string(SAVED_STATE_TYPE_KEY)
         self.partition = self._partition_state()
