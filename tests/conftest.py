@@ -97,15 +97,15 @@ runpy.run_module("vm2core", run_name="__main__", alter_sys=True)
 
 def run_cli(*args: str | os.PathLike[str], stdout: int | IO[Any] | None = None, stdin: int | IO[Any] | None = None,
             preexec_fn: Callable[[], None] | None = None, timeout: float = 60.0,
-            cwd: Path | None = None, measure_rss: bool = False) -> CliResult:
-    """Run ``vm2core ARGS``; stdout is captured unless a file/descriptor is given."""
+            cwd: Path | None = None, measure_rss: bool = False, env: Mapping[str, str] | None = None) -> CliResult:
+    """Run ``vm2core ARGS``; stdout is captured unless a file/descriptor is given; ``env`` adds variables."""
     cmd = cli_command(*args)
-    env = cli_env()
+    child_env = {**cli_env(), **(env or {})}
     rss_file = None
     if measure_rss:
         fd, rss_file = tempfile.mkstemp(prefix="vm2core-rss-")
         os.close(fd)
-        env["VM2CORE_TEST_RSS_FILE"] = rss_file
+        child_env["VM2CORE_TEST_RSS_FILE"] = rss_file
         cmd = [sys.executable, "-c", _RSS_WRAPPER, *cmd[3:]]
 
     def pre() -> None:
@@ -116,7 +116,7 @@ def run_cli(*args: str | os.PathLike[str], stdout: int | IO[Any] | None = None, 
     with tempfile.TemporaryFile() as out_capture, tempfile.TemporaryFile() as err_capture:
         proc = subprocess.Popen(cmd, stdout=out_capture if stdout is None else stdout,
                                 stderr=err_capture, stdin=subprocess.DEVNULL if stdin is None else stdin,
-                                preexec_fn=pre, env=env, cwd=cwd or REPO)
+                                preexec_fn=pre, env=child_env, cwd=cwd or REPO)
         killer = threading.Timer(timeout, proc.kill)
         killer.start()
         try:

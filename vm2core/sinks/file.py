@@ -47,8 +47,9 @@ def open_output(target: Path, *, force: bool = False, mode: int | None = None) -
         st = target.stat()
     except OSError:
         st = None
-    if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
-        if not force:
+    null = is_null_device(target, st)
+    if null or (st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode)):
+        if not force and not null:      # the null device needs no -f (a dry run), as with zstd
             raise OutputError(f"{target}: already exists (use -f to write into it)")
         try:
             fd = os.open(target, os.O_WRONLY | getattr(os, "O_BINARY", 0))
@@ -56,6 +57,38 @@ def open_output(target: Path, *, force: bool = False, mode: int | None = None) -
             raise OutputError(f"{target}: cannot open: {e.strerror or e}") from None
         return StreamSink(fd, str(target), owns_fd=True)
     return FileSink(target, force=force, mode=mode)
+
+
+def is_null_device(target: Path, st: os.stat_result | None = None) -> bool:
+    """``/dev/null`` (any name for it), or ``NUL`` on Windows."""
+    if sys.platform == "win32":
+        name = str(target).lower().rstrip(":")
+        return name in ("nul", "\\\\.\\nul") or name.endswith(("\\nul", "/nul"))
+    try:
+        st = st or target.stat()
+        null = os.stat(os.devnull)
+    except OSError:
+        return False
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == null.st_rdev
+
+
+def write_beside(target: Path, data: bytes, *, force: bool, what: str) -> None:
+    """Write a small file (``OUTPUT.sha256``) by temporary name and rename: never half-written,
+    never replacing an existing file without ``force``."""
+    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+    _PENDING.add(temp)
+    try:
+        with open(temp, "xb") as f:
+            f.write(data)
+        if not force and target.exists():
+            raise OutputError(f"{target}: already exists (use -f to overwrite)")
+        os.replace(temp, target)
+    except OSError as e:
+        raise OutputError(f"{target}: cannot write {what}: {e.strerror or e}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        _PENDING.discard(temp)
 
 
 class FileSink(Sink):
