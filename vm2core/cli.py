@@ -5,7 +5,7 @@ Exit codes (also in README and ``--help``):
   1  the core could not be written (output exists, terminal, disk full, broken pipe, network)
   2  bad or unsupported input, or bad usage
   3  internal error (a bug: please report it; VM2CORE_DEBUG=1 shows the traceback)
-  130 interrupted (Ctrl-C)
+  130 interrupted (Ctrl-C); 128+N ended by SIGTERM/SIGHUP (143/129)
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from vm2core.errors import OutputError, UsageError, Vm2coreError
 from vm2core.progress import LogProgress, TerminalProgress, human_bytes
 from vm2core.reader.savedstate import SavedState
 from vm2core.reader.xpress import check_backend
+from vm2core.signals import Interrupted, cleanup_on_termination
 from vm2core.sinks.base import Sink
 from vm2core.sinks.file import FileSink, StdoutSink, open_output, remove_pending_outputs, write_beside
 from vm2core.sinks.hashing import HashingSink
@@ -33,7 +34,8 @@ EXIT_OK, EXIT_OUTPUT, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 
 
 EPILOG = """\b
 Exit codes: 0 success; 1 the core could not be written; 2 bad or unsupported input or usage;
-3 internal error (VM2CORE_DEBUG=1 shows a traceback); 130 interrupted.
+3 internal error (VM2CORE_DEBUG=1 shows a traceback); 130 interrupted (Ctrl-C);
+128+N ended by signal N (143 SIGTERM, 129 SIGHUP): the partial output is removed.
 \b
 Examples:
   vm2core GUEST.vmrs GUEST.core
@@ -67,13 +69,17 @@ class _Reporter:
 def _run(func: Any, *args: Any, **kwargs: Any) -> None:
     """Turn every failure into one line and an exit code."""
     try:
-        check_backend()
-        func(*args, **kwargs)
+        with cleanup_on_termination():      # SIGTERM, SIGHUP (Ctrl-Break) clean up like Ctrl-C
+            check_backend()
+            func(*args, **kwargs)
     except Vm2coreError as e:
         _err(str(e))
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         remove_pending_outputs()
+        if isinstance(e, Interrupted):
+            _err(f"terminated ({e.signal_name})")
+            sys.exit(128 + e.signum)
         _err("interrupted")
         sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
