@@ -157,7 +157,7 @@ def convert_cmd(input_path: Path, output: str | None, force: bool, quiet: bool, 
     """Convert INPUT (.vmrs) into an ELF core at OUTPUT ("-" for standard output) or on a remote host.
 
     A local core is written to a temporary file beside OUTPUT and renamed when complete; an
-    upload goes to PATH.partial and is renamed when complete. The core carries one PT_LOAD per
+    upload goes to PATH.<hex>.partial and is renamed when complete. The core carries one PT_LOAD per
     guest RAM range, NT_PRSTATUS and QEMU-style CPU notes for every virtual processor, and the
     guest kernel's own VMCOREINFO note, so `crash vmlinux OUTPUT` and `drgn -c OUTPUT` need no
     extra options.
