@@ -10,7 +10,6 @@ import os
 import shlex
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from tests.conftest import CoreFile, assert_one_line_error, cli_command, cli_env
 
 EXIT_OUTPUT, EXIT_USAGE = 1, 2
 
-posix_only = pytest.mark.skipif(sys.platform == "win32", reason="FIFOs, sockets and bash process substitution")
+posix_only = pytest.mark.posix     # FIFOs, Unix sockets and bash process substitution
 
 
 def _zstd_sha256(path: Path) -> str:

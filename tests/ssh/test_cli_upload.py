@@ -18,6 +18,8 @@ from tests.vmrs_writer import WriterOptions, write_vmrs
 
 MIB = 1 << 20
 
+pytestmark = pytest.mark.posix      # a local OpenSSH server, POSIX signals
+
 
 @pytest.fixture(scope="module")
 def vmrs_and_core(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
