@@ -47,6 +47,25 @@ PAGE = 4096
 
 
 # --------------------------------------------------------------------------------------------------
+# Platform markers: a test that needs POSIX (signals, FIFOs, ptys, rlimits) or Linux (/proc) says so
+# with @pytest.mark.posix / @pytest.mark.linux and is skipped elsewhere, instead of failing to import.
+# --------------------------------------------------------------------------------------------------
+
+PLATFORM_MARKERS = {
+    "posix": (os.name == "posix", "needs POSIX (signals, FIFOs, ptys, rlimits)"),
+    "linux": (sys.platform.startswith("linux"), "needs Linux (/proc)"),
+    "root": (getattr(os, "geteuid", lambda: -1)() == 0, "needs root"),
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for name, (available, reason) in PLATFORM_MARKERS.items():
+            if not available and item.get_closest_marker(name) is not None:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+# --------------------------------------------------------------------------------------------------
 # Running the CLI
 # --------------------------------------------------------------------------------------------------
 
@@ -97,15 +116,15 @@ runpy.run_module("vm2core", run_name="__main__", alter_sys=True)
 
 def run_cli(*args: str | os.PathLike[str], stdout: int | IO[Any] | None = None, stdin: int | IO[Any] | None = None,
             preexec_fn: Callable[[], None] | None = None, timeout: float = 60.0,
-            cwd: Path | None = None, measure_rss: bool = False) -> CliResult:
-    """Run ``vm2core ARGS``; stdout is captured unless a file/descriptor is given."""
+            cwd: Path | None = None, measure_rss: bool = False, env: Mapping[str, str] | None = None) -> CliResult:
+    """Run ``vm2core ARGS``; stdout is captured unless a file/descriptor is given; ``env`` adds variables."""
     cmd = cli_command(*args)
-    env = cli_env()
+    child_env = {**cli_env(), **(env or {})}
     rss_file = None
     if measure_rss:
         fd, rss_file = tempfile.mkstemp(prefix="vm2core-rss-")
         os.close(fd)
-        env["VM2CORE_TEST_RSS_FILE"] = rss_file
+        child_env["VM2CORE_TEST_RSS_FILE"] = rss_file
         cmd = [sys.executable, "-c", _RSS_WRAPPER, *cmd[3:]]
 
     def pre() -> None:
@@ -116,14 +135,17 @@ def run_cli(*args: str | os.PathLike[str], stdout: int | IO[Any] | None = None, 
     with tempfile.TemporaryFile() as out_capture, tempfile.TemporaryFile() as err_capture:
         proc = subprocess.Popen(cmd, stdout=out_capture if stdout is None else stdout,
                                 stderr=err_capture, stdin=subprocess.DEVNULL if stdin is None else stdin,
-                                preexec_fn=pre, env=env, cwd=cwd or REPO)
+                                preexec_fn=pre if os.name == "posix" else None, env=child_env, cwd=cwd or REPO)
         killer = threading.Timer(timeout, proc.kill)
         killer.start()
         try:
-            _, status = os.waitpid(proc.pid, 0)
+            if os.name == "posix":
+                _, status = os.waitpid(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+            else:
+                proc.wait()
         finally:
             killer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out_capture.seek(0)
         err_capture.seek(0)
         peak = -1
@@ -132,7 +154,7 @@ def run_cli(*args: str | os.PathLike[str], stdout: int | IO[Any] | None = None, 
             os.unlink(rss_file)
         result = CliResult(cmd, proc.returncode, out_capture.read(),
                            err_capture.read().decode("utf-8", "replace"), peak)
-    assert result.returncode != -signal.SIGKILL, f"{cmd} did not finish within {timeout} s"
+    assert result.returncode != -getattr(signal, "SIGKILL", 9), f"{cmd} did not finish within {timeout} s"
     return result
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import pty
-import resource
 import select
 import shlex
 import shutil
@@ -19,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import tty
 from pathlib import Path
 from typing import IO
 
@@ -70,6 +67,7 @@ def test_file_and_redirected_stdout_are_identical(guest_vmrs: Path, guest_core: 
     assert file_sha256(out) == guest_core.sha256
 
 
+@pytest.mark.posix
 def test_pipe_output_is_identical(guest_vmrs: Path, guest_core: CoreFile) -> None:
     """`vm2core IN - | consumer`: through a real pipe, byte for byte the file core."""
     proc = subprocess.Popen(cli_command(guest_vmrs, "-", "-q"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -84,6 +82,7 @@ def test_pipe_output_is_identical(guest_vmrs: Path, guest_core: CoreFile) -> Non
     assert digest.hexdigest() == guest_core.sha256
 
 
+@pytest.mark.posix
 def test_head_closes_the_pipe_early(guest_vmrs: Path) -> None:
     """`vm2core IN - | head -c 1000`: head gets its bytes; vm2core ends quietly, without a traceback."""
     script = (f"{shlex.join(cli_command(guest_vmrs, '-'))} | head -c 1000 | wc -c; "
@@ -100,6 +99,7 @@ def test_head_closes_the_pipe_early(guest_vmrs: Path) -> None:
     assert status == EXIT_OUTPUT, proc.stderr
 
 
+@pytest.mark.posix
 def test_reader_closing_pipe_mid_stream(guest_vmrs: Path) -> None:
     """The consumer reads 5 MiB then goes away: exit 1, one line, no traceback."""
     proc = subprocess.Popen(cli_command(guest_vmrs, "-"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -122,7 +122,10 @@ def test_reader_closing_pipe_mid_stream(guest_vmrs: Path) -> None:
 # Terminals and existing files
 # --------------------------------------------------------------------------------------------------
 
+@pytest.mark.posix
 def test_refuses_to_write_a_core_to_a_terminal(tiny_vmrs: Path) -> None:
+    import pty
+
     master, slave = pty.openpty()
     try:
         result = run_cli(tiny_vmrs, "-", stdout=slave, timeout=20)
@@ -138,7 +141,11 @@ def test_refuses_to_write_a_core_to_a_terminal(tiny_vmrs: Path) -> None:
     assert leaked == b"", "bytes reached the terminal"
 
 
+@pytest.mark.posix
 def test_force_writes_a_core_to_a_terminal(tiny_vmrs: Path, workdir: Path) -> None:
+    import pty
+    import tty
+
     reference = workdir / "tiny.core"
     assert run_cli(tiny_vmrs, reference, "-q").returncode == 0
     master, slave = pty.openpty()
@@ -209,7 +216,8 @@ def test_output_is_a_directory(tiny_vmrs: Path, workdir: Path) -> None:
     assert list(workdir.iterdir()) == []
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mknod needs root")
+@pytest.mark.posix
+@pytest.mark.root
 def test_force_onto_a_device_keeps_the_device(tiny_vmrs: Path, tmp_path: Path) -> None:
     """`vm2core -f IN /dev/null` must write into the device, never replace the node with a file."""
     node = tmp_path / "null"
@@ -222,6 +230,7 @@ def test_force_onto_a_device_keeps_the_device(tiny_vmrs: Path, tmp_path: Path) -
     assert leftovers(tmp_path, "null") == ["null"]
 
 
+@pytest.mark.posix
 def test_force_onto_a_fifo_streams_into_it(tiny_vmrs: Path, tmp_path: Path) -> None:
     """A named pipe as OUTPUT (e.g. `mkfifo p; zstd < p > x & vm2core -f IN p`) is written, not replaced."""
     reference = tmp_path / "tiny.core"
@@ -254,6 +263,7 @@ def test_force_onto_a_fifo_streams_into_it(tiny_vmrs: Path, tmp_path: Path) -> N
     assert _sha(bytes(received)) == _sha(reference.read_bytes())
 
 
+@pytest.mark.posix
 def test_closed_stdout(tiny_vmrs: Path) -> None:
     """`vm2core IN - >&-`: an output error (exit 1), not an internal error."""
     result = run_cli(tiny_vmrs, "-", preexec_fn=lambda: os.close(1))
@@ -264,12 +274,15 @@ def test_closed_stdout(tiny_vmrs: Path) -> None:
 # Failures while writing
 # --------------------------------------------------------------------------------------------------
 
+@pytest.mark.posix
 @pytest.mark.parametrize("limit", [4096, 8 * MIB, "core-1"])
 def test_disk_full_leaves_nothing(guest_vmrs: Path, guest_core: CoreFile, workdir: Path, limit: int | str) -> None:
     """File size limit (EFBIG, as ENOSPC would) at the header, mid-memory and at the very end."""
     size = guest_core.size - 1 if limit == "core-1" else int(limit)
 
     def small_disk() -> None:
+        import resource
+
         resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
@@ -278,6 +291,7 @@ def test_disk_full_leaves_nothing(guest_vmrs: Path, guest_core: CoreFile, workdi
     assert leftovers(workdir, "out.core") == []
 
 
+@pytest.mark.posix
 def test_full_stdout(guest_vmrs: Path) -> None:
     with open("/dev/full", "wb") as full:
         result = run_cli(guest_vmrs, "-", stdout=full)
@@ -317,6 +331,7 @@ def test_failed_forced_conversion_keeps_the_old_file(late_bad_block_vmrs: Path, 
     assert leftovers(workdir, out.name) == [out.name]
 
 
+@pytest.mark.posix
 def test_bad_input_found_mid_stream_to_pipe(late_bad_block_vmrs: Path) -> None:
     proc = subprocess.Popen(cli_command(late_bad_block_vmrs, "-"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=cli_env(), preexec_fn=default_signals)
@@ -332,6 +347,7 @@ def test_bad_input_found_mid_stream_to_pipe(late_bad_block_vmrs: Path) -> None:
 OUTPUT_OPTIONS = [["--zstd"], ["--exclude-zero"], ["--sha256"], ["--zstd=1", "--sha256", "--exclude-zero"]]
 
 
+@pytest.mark.posix
 @pytest.mark.parametrize("options", OUTPUT_OPTIONS, ids=" ".join)
 def test_output_options_fail_cleanly(late_bad_block_vmrs: Path, guest_vmrs: Path, workdir: Path,
                                      options: list[str]) -> None:
@@ -342,6 +358,8 @@ def test_output_options_fail_cleanly(late_bad_block_vmrs: Path, guest_vmrs: Path
     assert leftovers(workdir, "out.core") == []
 
     def small_disk() -> None:
+        import resource
+
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
@@ -387,6 +405,7 @@ def _wait_for(predicate: object, timeout: float, what: str) -> None:
         time.sleep(0.001)
 
 
+@pytest.mark.posix
 @pytest.mark.parametrize("options", [[], ["--zstd=1", "--sha256"]], ids=" ".join)
 def test_ctrl_c_while_writing_a_file(big_vmrs: Path, workdir: Path, options: list[str]) -> None:
     out = workdir / "big.core"
@@ -419,6 +438,7 @@ def test_ctrl_c_while_writing_a_file(big_vmrs: Path, workdir: Path, options: lis
     assert leftovers(workdir, out.name) == []
 
 
+@pytest.mark.posix
 @pytest.mark.parametrize("delay", [0.0, 0.01, 0.03, 0.08, 0.2])
 def test_ctrl_c_at_any_moment_of_a_file_conversion(big_vmrs: Path, workdir: Path, delay: float) -> None:
     """Interrupts once the core's first bytes are out: 130 and nothing left, or a complete core.
@@ -454,6 +474,7 @@ def test_ctrl_c_at_any_moment_of_a_file_conversion(big_vmrs: Path, workdir: Path
         assert leftovers(workdir, out.name) == []
 
 
+@pytest.mark.posix
 def test_ctrl_c_while_the_output_is_created(big_vmrs: Path, workdir: Path) -> None:
     """Ctrl-C the moment the temporary output appears (20 tries: the window is a few microseconds
     to a few milliseconds wide): never a temporary left behind."""
@@ -484,6 +505,7 @@ def test_ctrl_c_while_the_output_is_created(big_vmrs: Path, workdir: Path) -> No
     assert left == [], f"{len(left)} of 20 interrupts left a temporary: {left}"
 
 
+@pytest.mark.posix
 def test_ctrl_c_during_info_scan(big_vmrs: Path) -> None:
     """`vm2core info` scans all RAM (256 MiB here, no kernel in it): Ctrl-C ends it with 130, one line."""
     proc = subprocess.Popen(cli_command("info", "--progress", big_vmrs), stdout=subprocess.PIPE,
@@ -511,6 +533,7 @@ def test_ctrl_c_during_info_scan(big_vmrs: Path) -> None:
     assert out == b""
 
 
+@pytest.mark.posix
 def test_ctrl_c_while_writing_a_pipe(big_vmrs: Path) -> None:
     """The child is blocked on a full pipe when the interrupt comes."""
     proc = subprocess.Popen(cli_command(big_vmrs, "-"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -540,6 +563,7 @@ def test_ctrl_c_while_writing_a_pipe(big_vmrs: Path) -> None:
     "file",
     "pipe",
 ])
+@pytest.mark.posix
 def test_input_truncated_during_conversion(big_vmrs: Path, tmp_path: Path, output: str) -> None:
     """The .vmrs shrinks mid-conversion (another process rewrites it): an input error naming the file."""
     victim = tmp_path / "shrinking.vmrs"

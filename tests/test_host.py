@@ -275,9 +275,10 @@ def test_lookup_errors(host: Host, tmp_path: Path) -> None:
     assert_one_line_error(run_cli("--vm", "db-server", "--checkpoint", "x", "--dir", host.root, out), 2,
                           "no checkpoint 'x'", "'std-run', 'prod run'")
     assert_one_line_error(run_cli("convert", "--vm", "web", out), 2, "--dir DIR")
-    for args, usage in ((["convert", "--checkpoint", "x", out], "--checkpoint needs --vm"),
-                        (["convert", "--vm", "web", "a.vmrs", out], "only OUTPUT"),
-                        (["info", "--vm", "web", "a.vmrs"], "not both")):
+    # convert checks its positionals itself: one line, exit 2
+    assert_one_line_error(run_cli("convert", "--checkpoint", "x", out), 2, "--checkpoint needs --vm")
+    assert_one_line_error(run_cli("convert", "--vm", "web", "a.vmrs", out), 2, "only OUTPUT")
+    for args, usage in ((["info", "--vm", "web", "a.vmrs"], "not both"),):
         result = run_cli(*args)         # usage errors: click's usage text, exit 2
         assert result.returncode == 2 and "Error: " in result.stderr and usage in result.stderr, result.stderr
         assert "Traceback" not in result.stderr

@@ -351,7 +351,17 @@ def test_env_var_forces_backend(backend: str) -> None:
     assert result.stdout.strip() == backend
 
 
-def test_env_var_with_unavailable_backend_fails() -> None:
-    result = _backend_in_subprocess("nonsense")
-    assert result.returncode != 0
-    assert "XpressBackendError" in result.stderr
+def test_env_var_with_unavailable_backend_fails_on_use_not_on_import() -> None:
+    """A bad VM2CORE_XPRESS must not break the import (``vm2core --help`` imports everything); the
+    error comes from check_backend() and from any decode, never a silent fall-back to another backend."""
+    code = ("from vm2core.reader import xpress\n"
+            "for call in (xpress.check_backend, lambda: xpress.decompress(b'', 0)):\n"
+            "    try:\n"
+            "        call()\n"
+            "    except xpress.XpressBackendError as e:\n"
+            "        print(e.exit_code, e)\n")
+    env = dict(os.environ, VM2CORE_XPRESS="nonsense")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("2 VM2CORE_XPRESS=nonsense: unknown") for line in lines), lines

@@ -5,7 +5,7 @@ Exit codes (also in README and ``--help``):
   1  the core could not be written (output exists, terminal, disk full, broken pipe, network)
   2  bad or unsupported input, or bad usage
   3  internal error (a bug: please report it; VM2CORE_DEBUG=1 shows the traceback)
-  130 interrupted (Ctrl-C)
+  130 interrupted (Ctrl-C); 128+N ended by SIGTERM/SIGHUP (143/129)
 """
 
 from __future__ import annotations
@@ -20,19 +20,22 @@ import click
 
 from vm2core import __version__
 from vm2core.core.convert import Progress, convert
-from vm2core.errors import OutputError, Vm2coreError
+from vm2core.errors import OutputError, UsageError, Vm2coreError
 from vm2core.progress import LogProgress, TerminalProgress, human_bytes
 from vm2core.reader.backend import BACKENDS, open_saved_state
+from vm2core.reader.xpress import check_backend
+from vm2core.signals import Interrupted, cleanup_on_termination
 from vm2core.sinks.base import Sink
-from vm2core.sinks.file import StdoutSink, open_output, remove_pending_outputs
+from vm2core.sinks.file import FileSink, StdoutSink, open_output, remove_pending_outputs, write_beside
 from vm2core.sinks.hashing import HashingSink
-from vm2core.sinks.zstd import DEFAULT_LEVEL, ZSTD_SUFFIXES, ZstdSink
+from vm2core.sinks.zstd import DEFAULT_LEVEL, ZSTD_SUFFIXES, ZstdSink, parse_level
 
 EXIT_OK, EXIT_OUTPUT, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 EPILOG = """\b
 Exit codes: 0 success; 1 the core could not be written; 2 bad or unsupported input or usage;
-3 internal error (VM2CORE_DEBUG=1 shows a traceback); 130 interrupted.
+3 internal error (VM2CORE_DEBUG=1 shows a traceback); 130 interrupted (Ctrl-C);
+128+N ended by signal N (143 SIGTERM, 129 SIGHUP): the partial output is removed.
 \b
 Examples:
   vm2core GUEST.vmrs GUEST.core
@@ -72,12 +75,17 @@ class _Reporter:
 def _run(func: Any, *args: Any, **kwargs: Any) -> None:
     """Turn every failure into one line and an exit code."""
     try:
-        func(*args, **kwargs)
+        with cleanup_on_termination():      # SIGTERM, SIGHUP (Ctrl-Break) clean up like Ctrl-C
+            check_backend()
+            func(*args, **kwargs)
     except Vm2coreError as e:
         _err(str(e))
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         remove_pending_outputs()
+        if isinstance(e, Interrupted):
+            _err(f"terminated ({e.signal_name})")
+            sys.exit(128 + e.signum)
         _err("interrupted")
         sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
@@ -105,7 +113,7 @@ def main() -> None:
     """Convert a Hyper-V saved state (.vmrs) of a Linux guest into an ELF vmcore for crash and drgn.
 
     \b
-    vm2core INPUT OUTPUT        convert (OUTPUT "-" = standard output)
+    vm2core INPUT OUTPUT        convert (OUTPUT "-" = standard output, /dev/null = dry run)
     vm2core X.vsv X.bin OUTPUT  convert a legacy pair (through Microsoft's DLL)
     vm2core info INPUT          describe the saved state and the guest kernel in it
     vm2core inspect INPUT       list the raw keys of any HyperVStorage file (a page census of others)
@@ -175,24 +183,45 @@ def _backend_options(func: Any) -> Any:
                              "pair and for .vmrs variants the native reader refuses).")(func)
 
 
-def _split_inputs(args: tuple[str, ...], ssh_target: str | None) -> tuple[list[Path], str | None]:
-    """INPUT [INPUT2] OUTPUT (or INPUT [INPUT2] with --ssh): a .vmrs, or a .vsv and .bin in any order."""
+def _split_inputs(args: tuple[str, ...], ssh_target: str | None, vm: str | None,
+                  checkpoint: str | None) -> tuple[list[Path], str | None]:
+    """INPUT [INPUT2] OUTPUT (or INPUT [INPUT2] with --ssh): a .vmrs, or a .vsv and .bin in any order.
+
+    With --vm the only positional is OUTPUT (none with --ssh); the inputs come back empty."""
+    if vm is not None:
+        if len(args) > 1:
+            raise UsageError("with --vm give only OUTPUT (or --ssh), not INPUT")
+        return [], (args[0] if args else None)
+    if checkpoint is not None:
+        raise UsageError("--checkpoint needs --vm")
     if ssh_target is not None:
         if len(args) == 2 and not Path(args[1]).exists():
-            raise click.UsageError("give either OUTPUT or --ssh [USER@]HOST:PATH (not both)")
+            raise UsageError(f"give either OUTPUT ({args[1]}) or --ssh, not both")
         inputs, output = list(args), None
-    elif len(args) < 2:
-        raise click.UsageError("give either OUTPUT or --ssh [USER@]HOST:PATH (not both)" if args else
-                               "missing INPUT")
+    elif not args:
+        raise UsageError("missing INPUT: give a .vmrs (or a .vsv and its .bin), or --vm NAME")
+    elif len(args) == 1:               # no OUTPUT: the usage check says so in its own words
+        inputs, output = list(args), None
     else:
         inputs, output = list(args[:-1]), args[-1]
     if not 1 <= len(inputs) <= 2:
-        raise click.UsageError("give one .vmrs, or a .vsv and its .bin (in either order), then OUTPUT")
+        raise UsageError("give one .vmrs, or a .vsv and its .bin (in either order), then OUTPUT")
     return [Path(p) for p in inputs], output
 
 
-@main.command("convert", epilog=EPILOG)
-@click.argument("paths", metavar="INPUT [INPUT2] OUTPUT", nargs=-1)
+class _ConvertCommand(click.Command):
+    """``--zstd`` is a flag, so ``vm2core --zstd IN OUT`` keeps its positionals; the README's
+    ``--zstd=LEVEL`` (one word) is read as ``--zstd-level=LEVEL``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)
+        args = [f"--zstd-level={a[len('--zstd='):]}" if i < end and a.startswith("--zstd=") else a
+                for i, a in enumerate(args)]
+        return super().parse_args(ctx, args)
+
+
+@main.command("convert", cls=_ConvertCommand, epilog=EPILOG)
+@click.argument("paths", metavar="INPUT [INPUT2] [OUTPUT]", nargs=-1)
 @click.option("-f", "--force", is_flag=True,
               help="Overwrite OUTPUT (or the remote file) if it exists; allow a terminal as stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
@@ -200,9 +229,11 @@ def _split_inputs(args: tuple[str, ...], ssh_target: str | None) -> tuple[list[P
               help="Show progress on stderr (default: only when stderr is a terminal).")
 @click.option("--exclude-zero", is_flag=True,
               help="Leave runs of >= 256 zero pages out of the core (split PT_LOADs, like makedumpfile -E).")
-@click.option("--zstd", "zstd_level", type=int, is_flag=False, flag_value=3, default=None, metavar="[LEVEL]",
-              help="Compress with zstd (all cores; level 3 unless given as --zstd=LEVEL). "
+@click.option("--zstd", "zstd", is_flag=True,
+              help="Compress with zstd (all cores, level 3; --zstd=LEVEL or --zstd-level LEVEL for another). "
                    "Implied by an OUTPUT ending in .zst.")
+@click.option("--zstd-level", "zstd_level_text", metavar="LEVEL", default=None,
+              help="zstd level (-131072..22, negative = faster); implies --zstd.")
 @click.option("--ssh", "ssh_target", metavar="[USER@]HOST:PATH",
               help="Upload over SFTP instead of writing a local file (also ssh://user@host:port/path).")
 @click.option("--ssh-option", "ssh_options", multiple=True, metavar="KEY=VALUE",
@@ -213,13 +244,14 @@ def _split_inputs(args: tuple[str, ...], ssh_target: str | None) -> tuple[list[P
 @click.option("--verify", is_flag=True,
               help="With --ssh: compare a SHA-256 of the streamed bytes with the uploaded file's.")
 @click.option("--sha256", "want_sha256", is_flag=True,
-              help="Print the SHA-256 of the bytes written (and write OUTPUT.sha256 for a file).")
+              help="Print the SHA-256 of the bytes written (and write OUTPUT.sha256 for a file; "
+                   "an existing one is replaced only with -f).")
 @_backend_options
 @_vm_options
 def convert_cmd(paths: tuple[str, ...], force: bool, quiet: bool, progress: bool | None,
-                exclude_zero: bool, zstd_level: int | None, ssh_target: str | None, ssh_options: tuple[str, ...],
-                ssh_accept_new: bool, verify: bool, want_sha256: bool, backend: str, dll: Path | None,
-                vm: str | None, checkpoint: str | None, dirs: tuple[Path, ...]) -> None:
+                exclude_zero: bool, zstd: bool, zstd_level_text: str | None, ssh_target: str | None,
+                ssh_options: tuple[str, ...], ssh_accept_new: bool, verify: bool, want_sha256: bool, backend: str,
+                dll: Path | None, vm: str | None, checkpoint: str | None, dirs: tuple[Path, ...]) -> None:
     """Convert INPUT (.vmrs, or a legacy .vsv and .bin in either order) into an ELF core at OUTPUT
     ("-" for standard output) or on a remote host.
 
@@ -227,31 +259,50 @@ def convert_cmd(paths: tuple[str, ...], force: bool, quiet: bool, progress: bool
     (`vm2core --vm web01 web01.core`).
 
     A local core is written to a temporary file beside OUTPUT and renamed when complete; an
-    upload goes to PATH.partial and is renamed when complete. The core carries one PT_LOAD per
+    upload goes to PATH.<hex>.partial and is renamed when complete. The core carries one PT_LOAD per
     guest RAM range, NT_PRSTATUS and QEMU-style CPU notes for every virtual processor, and the
     guest kernel's own VMCOREINFO note, so `crash vmlinux OUTPUT` and `drgn -c OUTPUT` need no
     extra options.
     """
-    if vm is None:
-        if checkpoint is not None:
-            raise click.UsageError("--checkpoint needs --vm")
-        inputs, output = _split_inputs(paths, ssh_target)
-    else:
-        if len(paths) > 1 or (len(paths) == 1) == (ssh_target is not None):
-            raise click.UsageError("with --vm give only OUTPUT (or --ssh), not INPUT")
-        inputs, output = [], (paths[0] if paths else None)
-    if verify and ssh_target is None:
-        raise click.UsageError("--verify checks an upload: use it with --ssh (for a local file use --sha256)")
-    if output is not None and zstd_level is None and output != "-" and output.lower().endswith(ZSTD_SUFFIXES):
-        zstd_level = DEFAULT_LEVEL
 
     def run(**kwargs: Any) -> None:
-        chosen = inputs or [_pick_input(None, vm, checkpoint, dirs, _Reporter(quiet, progress))]
-        _convert(chosen, output, **kwargs)
+        inputs, output = _split_inputs(paths, ssh_target, vm, checkpoint)
+        _convert(inputs, output, **kwargs)
 
     _run(run, force=force, quiet=quiet, progress=progress, exclude_zero=exclude_zero,
-         zstd_level=zstd_level, ssh_target=ssh_target, ssh_options=ssh_options, accept_new=ssh_accept_new,
-         verify=verify, want_sha256=want_sha256, backend=backend, dll=dll)
+         zstd=zstd, zstd_level_text=zstd_level_text, ssh_target=ssh_target, ssh_options=ssh_options,
+         accept_new=ssh_accept_new, verify=verify, want_sha256=want_sha256, backend=backend, dll=dll,
+         vm=vm, checkpoint=checkpoint, dirs=dirs)
+
+
+def _check_usage(output: str | None, *, force: bool, zstd: bool, zstd_level_text: str | None,
+                 ssh_target: str | None, ssh_options: tuple[str, ...], accept_new: bool, verify: bool,
+                 want_sha256: bool) -> tuple[int | None, Path | None]:
+    """Every check of the arguments, before the input is read or any output exists.
+
+    Returns the zstd level (None: no compression) and the ``OUTPUT.sha256`` to write (None: none)."""
+    if output is None and ssh_target is None:
+        raise UsageError("no OUTPUT given: name a core file, - for standard output, or --ssh [USER@]HOST:PATH")
+    if output is not None and ssh_target is not None:
+        raise UsageError(f"give either OUTPUT ({output}) or --ssh, not both")
+    if verify and ssh_target is None:
+        raise UsageError("--verify checks an upload: use it with --ssh (for a local file use --sha256)")
+    level = parse_level(zstd_level_text) if zstd_level_text is not None else None
+    if level is None and (zstd or (output not in (None, "-") and str(output).lower().endswith(ZSTD_SUFFIXES))):
+        level = DEFAULT_LEVEL
+    if ssh_target is not None:
+        from vm2core.sinks.sshtarget import parse_ssh_options, parse_target, resolve
+
+        # Target, options and ssh_config values, resolved as the upload will resolve them.
+        resolve(parse_target(ssh_target), parse_ssh_options(ssh_options), accept_new=accept_new)
+    digest_file = None
+    if want_sha256 and output not in (None, "-"):
+        target = Path(str(output))
+        regular = not target.exists() or target.is_file()     # no OUTPUT.sha256 beside a device or FIFO
+        digest_file = target.with_name(target.name + ".sha256") if regular else None
+        if digest_file is not None and digest_file.exists() and not force:
+            raise OutputError(f"{digest_file}: already exists (use -f to overwrite)")
+    return level, digest_file
 
 
 def _open_sink(output: str | None, force: bool, input_path: Path, ssh_target: str | None,
@@ -289,9 +340,16 @@ def _open_sink_guard(output: str | None, input_path: Path) -> None:
 
 
 def _convert(inputs: list[Path], output: str | None, *, force: bool, quiet: bool, progress: bool | None,
-             exclude_zero: bool, zstd_level: int | None, ssh_target: str | None, ssh_options: tuple[str, ...],
-             accept_new: bool, verify: bool, want_sha256: bool, backend: Any = "auto", dll: Path | None = None) -> None:
+             exclude_zero: bool, zstd: bool, zstd_level_text: str | None, ssh_target: str | None,
+             ssh_options: tuple[str, ...], accept_new: bool, verify: bool, want_sha256: bool,
+             backend: Any = "auto", dll: Path | None = None, vm: str | None = None, checkpoint: str | None = None,
+             dirs: tuple[Path, ...] = ()) -> None:
+    zstd_level, digest_file = _check_usage(output, force=force, zstd=zstd, zstd_level_text=zstd_level_text,
+                                           ssh_target=ssh_target, ssh_options=ssh_options, accept_new=accept_new,
+                                           verify=verify, want_sha256=want_sha256)
     rep = _Reporter(quiet, progress)
+    if not inputs:
+        inputs = [_pick_input(None, vm, checkpoint, dirs, rep)]
     with open_saved_state(inputs, backend=backend, dll=dll, warn=rep.warn) as state:
         input_path = state.path
         if exclude_zero and state.backend == "dll":
@@ -300,17 +358,22 @@ def _convert(inputs: list[Path], output: str | None, *, force: bool, quiet: bool
             rep.warn(f"{input_path}: the replay log holds uncommitted changes; memory may be incomplete")
         for other in inputs:           # the .vsv of a pair is an input too
             _open_sink_guard(output, other)
-        base = _open_sink(output, force, input_path, ssh_target, ssh_options, accept_new, verify)
-        # The digest covers the bytes that reach the output (compressed ones with --zstd).
-        hashing = HashingSink(base) if want_sha256 else None
-        sink: Sink = hashing or base
-        if zstd_level is not None:
-            sink = ZstdSink(sink, level=zstd_level)
+        # The output is created here, inside the guarded region: whatever fails from now on (a
+        # wrapper, the conversion, a signal) removes it.
+        sink: Sink | None = None
         try:
+            base = _open_sink(output, force, input_path, ssh_target, ssh_options, accept_new, verify)
+            sink = base
+            # The digest covers the bytes that reach the output (compressed ones with --zstd).
+            hashing = HashingSink(base) if want_sha256 else None
+            sink = hashing or base
+            if zstd_level is not None:
+                sink = ZstdSink(sink, level=zstd_level)
             result = convert(state, sink, progress=rep.progress, warn=rep.warn, exclude_zero=exclude_zero)
             sink.commit()
         except BaseException:
-            sink.abort()
+            if sink is not None:
+                sink.abort()
             raise
     k = result.selection.kernel
     if k is not None:
@@ -324,21 +387,18 @@ def _convert(inputs: list[Path], output: str | None, *, force: bool, quiet: bool
     if hashing is not None:
         digest = hashing.hexdigest()
         click.echo(f"{digest}  {output if output not in (None, '-') else (ssh_target or '-')}", err=output == "-")
-        if output not in (None, "-"):
-            _write_digest_file(Path(str(output)), digest)
+        if digest_file is not None and isinstance(base, FileSink):
+            _write_digest_file(digest_file, base.target, digest, force=force)
     for note in getattr(base, "notes", []):
         rep.say(note)
     if ssh_target is not None:
         rep.say(base.remote_hint(compressed=zstd_level is not None))  # type: ignore[attr-defined]
 
 
-def _write_digest_file(core: Path, digest: str) -> None:
-    """``OUTPUT.sha256`` in sha256sum's format, so ``sha256sum -c`` checks the core."""
-    target = core.with_name(core.name + ".sha256")
-    try:
-        target.write_text(f"{digest}  {core.name}\n", encoding="ascii")
-    except OSError as e:
-        raise OutputError(f"{target}: cannot write the digest: {e.strerror or e}") from None
+def _write_digest_file(target: Path, core: Path, digest: str, *, force: bool) -> None:
+    """``OUTPUT.sha256`` in sha256sum's format, so ``sha256sum -c`` checks the core (never
+    replacing an existing file without -f, never half-written)."""
+    write_beside(target, f"{digest}  {core.name}\n".encode("ascii"), force=force, what="the digest")
 
 
 @main.command()

@@ -47,3 +47,11 @@ class OutputError(Vm2coreError):
     """The core could not be written (exists, terminal, disk full, broken pipe...)."""
 
     exit_code = 1
+
+
+class UsageError(Vm2coreError):
+    """An argument, option, environment variable or configuration value cannot be used as given.
+
+    Found before anything is created, locally or remotely (README exit codes: 2, bad usage)."""
+
+    exit_code = 2

@@ -8,7 +8,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from vm2core.errors import OutputError
+from vm2core.errors import OutputError, UsageError
 from vm2core.sinks.sshtarget import (
     KnownHosts,
     SshTarget,
@@ -34,16 +34,16 @@ def test_parse_target(text: str, expected: SshTarget) -> None:
 
 @pytest.mark.parametrize("text", ["box", "box:", ":/x", "@box:/x", "ssh://box", "ssh://box:99999/x",
                                   "ssh://box:port/x", "[::1/x"])
-def test_bad_targets_are_output_errors(text: str) -> None:
-    with pytest.raises(OutputError):
+def test_bad_targets_are_usage_errors(text: str) -> None:
+    with pytest.raises(UsageError):
         parse_target(text)
 
 
 def test_options_like_ssh_o() -> None:
     assert parse_ssh_options(["Port=2200", "user bob", "PORT=1"]) == {"port": "2200", "user": "bob"}
-    with pytest.raises(OutputError, match="unsupported"):
+    with pytest.raises(UsageError, match="unsupported"):
         parse_ssh_options(["Ciphers=none"])
-    with pytest.raises(OutputError):
+    with pytest.raises(UsageError):
         parse_ssh_options(["Port="])
 
 
@@ -95,9 +95,9 @@ def test_bad_user_config_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.M
     (tmp_path / ".ssh").mkdir()
     (tmp_path / ".ssh" / "config").write_text("Host box\n  =oops\n")
     monkeypatch.setenv("HOME", str(tmp_path))
-    with pytest.raises(OutputError, match=r"cannot apply ssh config \(.*\.ssh/config\) for box"):
+    with pytest.raises(UsageError, match=r"cannot apply ssh config \(.*\.ssh/config\) for box"):
         resolve(parse_target("box:/x"))
-    with pytest.raises(OutputError, match="unsupported"):
+    with pytest.raises(UsageError, match="unsupported"):
         resolve(parse_target("box:/x"), {"Cipher": "x"}, config_files=[])
 
 
@@ -116,5 +116,18 @@ def test_strict_host_key_checking_values(tmp_path: Path) -> None:
     for value, expected in (("no", "accept-new"), ("ask", "yes"), ("accept-new", "accept-new"), ("yes", "yes")):
         s = resolve(target, {"StrictHostKeyChecking": value}, accept_new=True, config_files=[empty])
         assert s.strict_host_key_checking == expected
-    with pytest.raises(OutputError):
+    with pytest.raises(UsageError):
         resolve(target, {"StrictHostKeyChecking": "maybe"}, config_files=[empty])
+
+
+def test_time_values_as_ssh_config_writes_them(tmp_path: Path) -> None:
+    """ssh_config(5) TIME FORMATS: plain seconds or number+unit groups; anything else is a usage error."""
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    target = parse_target("h:/x")
+    for text, seconds in (("30", 30), ("10s", 10), ("1m30s", 90), ("2H", 7200), ("1w", 604800)):
+        s = resolve(target, {"ServerAliveInterval": text, "ConnectTimeout": text}, config_files=[empty])
+        assert (s.server_alive_interval, s.connect_timeout) == (seconds, seconds)
+    for bad in ("ten", "10x", "1.5", "s", "-1"):
+        with pytest.raises(UsageError, match="not a time"):
+            resolve(target, {"ServerAliveInterval": bad}, config_files=[empty])

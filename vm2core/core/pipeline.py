@@ -24,6 +24,7 @@ from typing import BinaryIO
 
 from vm2core.core.fastdecode import Fallback, decode_into
 from vm2core.errors import FormatError
+from vm2core.portable import os_call
 from vm2core.reader.backend import SavedStateFace as SavedState  # any backend: native or DLL
 from vm2core.reader.memory import PAGE_SIZE, Data, FileSpan, MemoryRange, Piece, Zeros
 from vm2core.reader.ramblock import BLOCK_SIZE, slice_pieces
@@ -109,16 +110,17 @@ class StoredReader:
 
     def __init__(self, state: SavedState) -> None:
         self._state = state
-        self._fd = state.container.file.fileno() if hasattr(os, "pread") else None
+        self._pread = os_call("pread")
+        self._fd = state.container.file.fileno() if self._pread is not None else None
         self._lock = threading.Lock()
         self._handle: BinaryIO | None = None
         self._own = False
 
     def read(self, offset: int, size: int, name: str) -> bytes:
-        if self._fd is not None:
-            data = os.pread(self._fd, size, offset)
+        if self._fd is not None and self._pread is not None:
+            data = self._pread(self._fd, size, offset)
             while 0 < len(data) < size:          # short reads are legal; EOF is not
-                more = os.pread(self._fd, size - len(data), offset + len(data))
+                more = self._pread(self._fd, size - len(data), offset + len(data))
                 if not more:
                     break
                 data += more

@@ -18,6 +18,7 @@ from typing import BinaryIO
 from vm2core.core.pipeline import BlockSlice, BufferPool, Decoded
 from vm2core.errors import FormatError
 from vm2core.guest.vmcoreinfo import VmcoreinfoScanner
+from vm2core.portable import os_call
 from vm2core.reader.backend import SavedStateFace as SavedState  # any backend: native or DLL
 from vm2core.reader.memory import Data, FileSpan
 from vm2core.reader.savedstate import BlockInfo
@@ -28,9 +29,10 @@ SCAN_QUEUE_DEPTH = 8          # decoded blocks waiting for the background scan (
 
 def hint_sequential(src: BinaryIO) -> None:
     """Ask for a larger readahead, as cp does (POSIX only; a hint, so failures do not matter)."""
-    if hasattr(os, "posix_fadvise"):
+    fadvise = os_call("posix_fadvise")
+    if fadvise is not None:
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            os.posix_fadvise(src.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            fadvise(src.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
 
 class InputWindows:

@@ -4,7 +4,7 @@ The VMCOREINFO search looks at every byte of guest RAM.  ``bytes.find`` holds th
 it runs the decoding threads cannot parse records; the C library's ``memmem`` (glibc, musl, BSD
 and macOS libc), called through ctypes, releases it and is faster too.  Used for writable buffers
 (bytearray, ``mmap`` with ``ACCESS_COPY``) of at least :data:`MIN_LENGTH` bytes; everything else,
-and platforms without ``memmem`` (Windows), use the buffer's own ``find``.
+and platforms without ``memmem`` (Windows, or ``VM2CORE_PORTABLE=1``), use the buffer's own ``find``.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ import ctypes.util
 import sys
 from typing import Any
 
+from vm2core.portable import PORTABLE
+
 MIN_LENGTH = 64 << 10        # below this the ctypes call costs more than it saves
 
 
 def _load_memmem() -> Any:
-    if sys.platform == "win32":
+    if sys.platform == "win32" or PORTABLE:
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None)

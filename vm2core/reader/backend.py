@@ -13,13 +13,14 @@ with the container signature in one of its two header copies (``vmrs-format.md``
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Literal, Protocol
 
 from vm2core.errors import FormatError, UnsupportedError
-from vm2core.reader.container import HEADER_OFFSETS, HEADER_SIGNATURE
+from vm2core.reader.container import HEADER_OFFSETS, HEADER_SIGNATURE, require_regular
 from vm2core.reader.cpu import VpState
 from vm2core.reader.memory import MemoryRange, Piece
 
@@ -89,6 +90,8 @@ class SavedStateFace(Protocol):
 
 def is_hyperv_storage(path: Path) -> bool:
     """True if either header copy carries the HyperVStorage signature (a .vmrs, .vsv or .vmcx)."""
+    with contextlib.suppress(OSError):   # before opening: opening a FIFO would wait for a writer
+        require_regular(path.stat().st_mode, path)
     try:
         with path.open("rb") as f:
             for offset in HEADER_OFFSETS:

@@ -17,6 +17,9 @@ the end (counted as an empty log), and the objects behind empty, free or unknown
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -163,6 +166,14 @@ class KeyEntry:
         return KEY_TYPE_NAMES.get(self.type, f"type{self.type}")
 
 
+def require_regular(mode: int, path: Path) -> None:
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO or pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+        raise FormatError(f"not a regular file ({kind}): give the saved-state file itself, not a stream",
+                          path=path)
+
+
 class HyperVStorage:
     """A parsed HyperVStorage file.  Construct with :meth:`open` or from a binary file object."""
 
@@ -186,11 +197,17 @@ class HyperVStorage:
         p = Path(path)
         if p.is_dir():
             raise FormatError("is a directory, not a saved-state file", path=p)
+        # Checked before opening (opening a FIFO would wait for a writer) and again on the handle
+        # (the name may change in between): the reader seeks and reads at offsets, which a pipe,
+        # a socket or a `<(...)` process substitution cannot do.
+        with contextlib.suppress(OSError):   # a missing file is reported by open() below
+            require_regular(p.stat().st_mode, p)
         try:
             fh = p.open("rb")
         except OSError as e:
             raise FormatError(f"cannot open: {e.strerror or e}", path=p) from None
         try:
+            require_regular(os.fstat(fh.fileno()).st_mode, p)
             return cls(fh, p)
         except BaseException:
             fh.close()

@@ -41,7 +41,9 @@ class XpressError(FormatError):
 
 
 class XpressBackendError(Vm2coreError):
-    """The backend forced with VM2CORE_XPRESS is unknown or not available on this machine."""
+    """The backend forced with VM2CORE_XPRESS is unknown or not available on this machine (bad usage)."""
+
+    exit_code = 2
 
 
 def _check_out_size(out_size: int) -> None:
@@ -257,16 +259,36 @@ def get_decompressor(name: str) -> Decompressor:
         raise XpressBackendError(f"XPRESS backend {name!r} is not available on this machine") from None
 
 
-def _choose_backend() -> str:
+def _choose_backend() -> tuple[str, XpressBackendError | None]:
+    """The backend to use, and the error to report if VM2CORE_XPRESS names an unusable one.
+
+    Never raises: this runs at import, and ``vm2core --help`` must work whatever the
+    environment says.  The CLI calls :func:`check_backend` before any command runs."""
     forced = os.environ.get(ENV_VAR, "").strip().lower()
     if forced:
-        get_decompressor(forced)
-        return forced
-    return available_backends()[0]
+        try:
+            get_decompressor(forced)
+        except XpressBackendError as e:
+            return forced, XpressBackendError(f"{ENV_VAR}={forced}: {e}")
+        return forced, None
+    return available_backends()[0], None
 
 
-BACKEND: str = _choose_backend()
-_decompress = _AVAILABLE[BACKEND]
+BACKEND, BACKEND_ERROR = _choose_backend()
+
+
+def check_backend() -> None:
+    """Raise the XpressBackendError of a bad VM2CORE_XPRESS value (exit code 2 in the CLI)."""
+    if BACKEND_ERROR is not None:
+        raise BACKEND_ERROR
+
+
+def _refuse(data: bytes | memoryview, out_size: int) -> bytes:
+    check_backend()
+    raise AssertionError("unreachable")
+
+
+_decompress: Decompressor = _refuse if BACKEND_ERROR is not None else _AVAILABLE[BACKEND]
 
 
 def decompress(data: bytes | memoryview, out_size: int) -> bytes:

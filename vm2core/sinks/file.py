@@ -8,6 +8,7 @@ half-written file under the final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import secrets
@@ -16,7 +17,9 @@ import sys
 from pathlib import Path
 from typing import BinaryIO
 
+from vm2core import _win32
 from vm2core.errors import OutputError
+from vm2core.portable import os_call
 from vm2core.sinks.base import InputEnded, Sink
 
 COPY_CHUNK = 8 << 20
@@ -31,13 +34,34 @@ _PENDING: set[Path] = set()
 def remove_pending_outputs() -> None:
     """Remove every temporary output still on disk (the CLI calls this on Ctrl-C)."""
     for path in list(_PENDING):
-        with contextlib.suppress(OSError):
-            path.unlink()
+        _remove(path)
         _PENDING.discard(path)
 
 
+def _remove(path: Path) -> None:
+    """Delete a temporary file; on Windows a read-only one (input mode 0o444) is made writable first."""
+    with contextlib.suppress(OSError):
+        path.unlink()
+    if os.path.lexists(path):
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o600)
+            path.unlink()
+
+
+def _errnos(*names: str) -> frozenset[int]:
+    """Error numbers by name (they differ between Linux, BSD/macOS and Windows); absent ones skipped."""
+    return frozenset(getattr(errno, name) for name in names if hasattr(errno, name))
+
+
+#: copy_file_range cannot copy between these two files (other filesystems, kernels, sandboxes):
+#: fall back to read + write.
+COPY_FILE_RANGE_UNSUPPORTED = _errnos("EXDEV", "EINVAL", "ENOSYS", "EOPNOTSUPP", "ENOTSUP", "EPERM")
+#: sendfile cannot write to this output (BSD/macOS need a socket: ENOTSOCK): fall back to write.
+SENDFILE_UNSUPPORTED = _errnos("EINVAL", "ENOSYS", "EOPNOTSUPP", "ENOTSUP", "ENOTSOCK")
+
+
 def _copy_file_range_available() -> bool:
-    return hasattr(os, "copy_file_range")
+    return os_call("copy_file_range") is not None
 
 
 def open_output(target: Path, *, force: bool = False, mode: int | None = None) -> Sink:
@@ -47,8 +71,9 @@ def open_output(target: Path, *, force: bool = False, mode: int | None = None) -
         st = target.stat()
     except OSError:
         st = None
-    if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
-        if not force:
+    null = is_null_device(target, st)
+    if null or (st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode)):
+        if not force and not null:      # the null device needs no -f (a dry run), as with zstd
             raise OutputError(f"{target}: already exists (use -f to write into it)")
         try:
             fd = os.open(target, os.O_WRONLY | getattr(os, "O_BINARY", 0))
@@ -56,6 +81,44 @@ def open_output(target: Path, *, force: bool = False, mode: int | None = None) -
             raise OutputError(f"{target}: cannot open: {e.strerror or e}") from None
         return StreamSink(fd, str(target), owns_fd=True)
     return FileSink(target, force=force, mode=mode)
+
+
+def is_null_device(target: Path, st: os.stat_result | None = None) -> bool:
+    """``/dev/null`` (any name for it), or ``NUL`` on Windows."""
+    if sys.platform == "win32":
+        name = str(target).lower().rstrip(":")
+        return name in ("nul", "\\\\.\\nul") or name.endswith(("\\nul", "/nul"))
+    try:
+        st = st or target.stat()
+        null = os.stat(os.devnull)
+    except OSError:
+        return False
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == null.st_rdev
+
+
+def write_beside(target: Path, data: bytes, *, force: bool, what: str) -> None:
+    """Write a small file (``OUTPUT.sha256``) by temporary name and rename: never half-written,
+    never replacing an existing file without ``force``."""
+    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+    _PENDING.add(temp)
+    try:
+        with open(temp, "xb") as f:
+            f.write(data)
+        if not force and target.exists():
+            raise OutputError(f"{target}: already exists (use -f to overwrite)")
+        os.replace(temp, target)
+    except OSError as e:
+        raise OutputError(f"{target}: cannot write {what}: {e.strerror or e}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        _PENDING.discard(temp)
+
+
+def _sparse_capable(fd: int) -> bool:
+    """Whether a seek past the data leaves a hole: always tried on POSIX (a filesystem without
+    holes just stores the zeros); on Windows only once the file is marked sparse."""
+    return sys.platform != "win32" or _win32.set_sparse(fd)
 
 
 class FileSink(Sink):
@@ -84,10 +147,22 @@ class FileSink(Sink):
         except OSError as e:
             _PENDING.discard(self.temp_path)
             raise OutputError(f"{target}: cannot create a file in {parent}: {e.strerror or e}") from None
-        if mode is not None:  # exact bits, whatever the umask
+        try:
+            if mode is not None:  # exact bits, whatever the umask
+                with contextlib.suppress(OSError):
+                    os.chmod(self.temp_path, mode)
+            self._fh: io.FileIO = io.FileIO(fd, "wb", closefd=True)
+            #: Lines for the user (the CLI prints them), e.g. that zero runs could not become holes.
+            self.notes: list[str] = []
+            # NTFS keeps a seek past the data as a hole only in a file marked sparse; elsewhere
+            # (FAT32, exFAT) the zeros are written, and the user is told.
+            self._sparse = _sparse_capable(fd)
+            if not self._sparse:
+                self.notes.append(f"{target}: the file system cannot store holes; zero runs were written as zeros")
+        except BaseException:     # Ctrl-C right here: no open descriptor (Windows could not unlink the file)
             with contextlib.suppress(OSError):
-                os.chmod(self.temp_path, mode)
-        self._fh: io.FileIO = io.FileIO(fd, "wb", closefd=True)
+                os.close(fd)
+            raise
         self._holes = False
         self._use_cfr = _copy_file_range_available()
         self._done = False
@@ -112,7 +187,7 @@ class FileSink(Sink):
             raise self._fail(e) from None
 
     def write_zeros(self, length: int) -> None:
-        if length < HOLE_MIN:
+        if length < HOLE_MIN or not self._sparse:
             super().write_zeros(length)
             return
         # A seek past the data leaves a hole on filesystems that support sparse files; the
@@ -140,7 +215,7 @@ class FileSink(Sink):
                 self._fh.seek(self.position)
                 return
             except OSError as e:
-                if done or e.errno not in (18, 22, 38, 95, 1):  # EXDEV EINVAL ENOSYS EOPNOTSUPP EPERM
+                if done or e.errno not in COPY_FILE_RANGE_UNSUPPORTED:
                     raise self._fail(e) from None
                 self._use_cfr = False
         super().copy_from(src, offset, length)
@@ -171,8 +246,7 @@ class FileSink(Sink):
             return
         with contextlib.suppress(OSError):
             self._fh.close()
-        with contextlib.suppress(OSError):
-            self.temp_path.unlink()
+        _remove(self.temp_path)
         _PENDING.discard(self.temp_path)
         self._done = True
 
@@ -190,9 +264,9 @@ class StreamSink(Sink):
         self._fd = fd
         self._description = description
         self._owns_fd = owns_fd
-        self._sendfile = hasattr(os, "sendfile")
+        self._sendfile = os_call("sendfile") is not None
         self._zero_fd: int | None = None
-        self._splice_zeros = hasattr(os, "splice")
+        self._splice_zeros = os_call("splice") is not None
 
     @property
     def description(self) -> str:
@@ -252,7 +326,7 @@ class StreamSink(Sink):
                     self.position += n
                 return
             except OSError as e:
-                if done or isinstance(e, BrokenPipeError) or e.errno not in (22, 38, 95):
+                if done or isinstance(e, BrokenPipeError) or e.errno not in SENDFILE_UNSUPPORTED:
                     raise self._fail(e) from None
                 self._sendfile = False
         super().copy_from(src, offset, length)
@@ -287,7 +361,7 @@ class StdoutSink(StreamSink):
             os.fstat(fd)
         except (OSError, ValueError, AttributeError):
             raise OutputError("standard output is closed or not a file descriptor") from None
-        if os.isatty(fd) and not force:
+        if is_terminal(fd) and not force:
             raise OutputError("refusing to write a core to a terminal (redirect stdout, or use -f)")
         if sys.platform == "win32":  # pragma: no cover - Windows only
             import msvcrt
@@ -295,6 +369,14 @@ class StdoutSink(StreamSink):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
         super().__init__(fd, "standard output")
+
+
+def is_terminal(fd: int) -> bool:
+    """A terminal or console.  On Windows ``isatty`` is also true for NUL (any character device),
+    so the console itself is asked (as zstd does): ``vm2core x.vmrs - > NUL`` is not refused."""
+    if sys.platform == "win32":
+        return _win32.console_mode(fd) is not None
+    return os.isatty(fd)
 
 
 def _silence_stdout() -> None:

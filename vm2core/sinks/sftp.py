@@ -1,9 +1,11 @@
 """Upload the core over SSH/SFTP while it is produced, as ``sftp put`` would, but streamed.
 
-The bytes go to ``PATH.partial`` (mode 0600: a core holds guest memory, secrets included)
-with pipelined 1 MiB writes, are checked (size; SHA-256 via ``sha256sum`` over the same
-connection when asked), and only then renamed to ``PATH``.  Every failure becomes one
-:class:`~vm2core.errors.OutputError` line that says what happened and what was left behind.
+The bytes go to ``PATH.<random hex>.partial`` (created exclusively, mode 0600: a core holds
+guest memory, secrets included; the random part keeps two uploads to the same PATH from
+clobbering or removing each other's partial file) with pipelined 1 MiB writes, are checked
+(size; SHA-256 via ``sha256sum`` over the same connection when asked), and only then renamed
+to ``PATH``.  Every failure becomes one :class:`~vm2core.errors.OutputError` line that says
+what happened and what was left behind; the connection (and any agent) is closed on every path.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import contextlib
 import functools
 import getpass
 import hashlib
+import secrets
 import shlex
 import socket
 import stat
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from pathlib import Path
 
 import paramiko
@@ -80,7 +83,7 @@ def open_sftp_sink(target: str, *, ssh_options: Iterable[str] = (), force: bool 
 
 
 class SftpSink(Sink):
-    """Streams to ``user@host:PATH`` through SFTP; commit renames ``PATH.partial`` to ``PATH``.
+    """Streams to ``user@host:PATH`` through SFTP; commit renames ``PATH.<hex>.partial`` to ``PATH``.
 
     The constructor connects, checks the host key, authenticates and creates the partial
     file, so a bad destination fails before any input is read.  ``notes`` collects lines
@@ -106,7 +109,7 @@ class SftpSink(Sink):
         #: True/False after a verification, None when it could not run (see ``notes``).
         self.verified: bool | None = None
         self.path = self.target.path
-        self.partial_path = self.path + ".partial"
+        self.partial_path = f"{self.path}.{secrets.token_hex(4)}.partial"
         self._hash = hashlib.sha256() if verify else None
         self._buffer = bytearray()
         self._done = False
@@ -118,6 +121,8 @@ class SftpSink(Sink):
             self._sftp = _open_sftp(self._transport, self.settings)
             self._file = self._create_partial()
         except BaseException:
+            with contextlib.suppress(Exception):
+                self._sftp.close()
             self._transport.close()
             raise
 
@@ -189,14 +194,14 @@ class SftpSink(Sink):
             self._file = None
             sftp = self._fresh_sftp()
         elif self._file is not None:
-            self._sftp.get_channel().settimeout(CLEANUP_TIMEOUT)
             with contextlib.suppress(Exception):  # the step that failed already said why
+                self._sftp.get_channel().settimeout(CLEANUP_TIMEOUT)
                 self._file.close()
             self._file = None
         left = f"{where} may remain on the server"
         if sftp is not None and self._transport.is_active() and not sftp.get_channel().closed:
-            sftp.get_channel().settimeout(CLEANUP_TIMEOUT)
             try:
+                sftp.get_channel().settimeout(CLEANUP_TIMEOUT)
                 sftp.remove(self.partial_path)
                 left = "partial file removed"
             except FileNotFoundError:
@@ -250,7 +255,7 @@ class SftpSink(Sink):
             existing = self._sftp.stat(self.path)
         except FileNotFoundError:
             existing = None
-        except OSError as exc:
+        except (OSError, *_CONNECTION_ERRORS) as exc:
             raise OutputError(f"cannot check {where}: {_reason(exc)}") from exc
         if existing is not None:
             if existing.st_mode is not None and stat.S_ISDIR(existing.st_mode):
@@ -258,15 +263,25 @@ class SftpSink(Sink):
             if not self.force:
                 raise OutputError(f"{where} already exists (use --force to replace it)")
         try:
-            remote = self._sftp.open(self.partial_path, "wb", bufsize=0)
-        except OSError as exc:
+            # "x": SSH_FXF_EXCL, so even a collision of random names cannot truncate another run's file.
+            remote = self._sftp.open(self.partial_path, "wxb", bufsize=0)
+        except (OSError, *_CONNECTION_ERRORS) as exc:
             raise OutputError(f"cannot create {self.settings.location(self.partial_path)}: "
                               f"{_reason(exc)}") from exc
-        with contextlib.suppress(OSError):  # some servers (Windows) have no modes; uploads still work
-            remote.chmod(0o600)
-        remote.set_pipelined(True)
-        remote.settimeout(IO_TIMEOUT)
-        remote.MAX_REQUEST_SIZE = _write_request_size(self._sftp, remote)
+        try:
+            with contextlib.suppress(OSError):  # some servers (Windows) have no modes; uploads still work
+                remote.chmod(0o600)
+            remote.set_pipelined(_can_collect_write_replies(self._sftp, remote))
+            remote.settimeout(IO_TIMEOUT)
+            remote.MAX_REQUEST_SIZE = _write_request_size(self._sftp, remote)
+        except BaseException as exc:
+            # The partial file exists: remove it before giving up (also on Ctrl-C).
+            self._file = remote
+            left = self._cleanup()
+            if isinstance(exc, Exception):
+                raise OutputError(f"cannot prepare {self.settings.location(self.partial_path)}: "
+                                  f"{_reason(exc)}; {left}") from exc
+            raise
         return remote
 
     def _flush(self) -> None:
@@ -294,9 +309,10 @@ class SftpSink(Sink):
         assert self._file is not None
         remote, self._file = self._file, None
         try:
-            pending = getattr(remote, "_reqs", None)
-            while pending:
-                self._sftp._read_response(pending.popleft())
+            if remote.pipelined:       # only set when _can_collect_write_replies() said the internals exist
+                pending = remote._reqs
+                while pending:
+                    self._sftp._read_response(pending.popleft())
             remote.close()
         except Exception as exc:
             self._file = remote
@@ -365,7 +381,8 @@ class SftpSink(Sink):
     def _close_connection(self) -> None:
         with contextlib.suppress(Exception):
             self._sftp.close()
-        self._transport.close()
+        with contextlib.suppress(Exception):
+            self._transport.close()
 
 
 # --- connection --------------------------------------------------------------------------
@@ -429,9 +446,11 @@ def _authenticate(t: paramiko.Transport, s: SshSettings, prompt: PasswordPrompt 
         raise OutputError(f"SSH authentication with {s.display} failed: {_reason(exc)}") from exc
     problems: list[str] = []
     if "publickey" in allowed and s.pubkey_authentication:
-        for key in _candidate_keys(s, prompt, problems):
-            if _try(t, problems, functools.partial(t.auth_publickey, s.user, key)):
-                return
+        # closing(): the agent connection (needed while its keys sign) ends whichever way this ends.
+        with contextlib.closing(_candidate_keys(s, prompt, problems)) as keys:
+            for key in keys:
+                if _try(t, problems, functools.partial(t.auth_publickey, s.user, key)):
+                    return
     if prompt is not None and s.password_authentication:
         if "password" in allowed:
             password = prompt(f"{s.user}@{s.hostname}'s password: ")
@@ -460,18 +479,20 @@ def _try(t: paramiko.Transport, problems: list[str], attempt: Callable[[], objec
 
 
 def _candidate_keys(s: SshSettings, prompt: PasswordPrompt | None,
-                    problems: list[str]) -> Iterable[paramiko.PKey]:
+                    problems: list[str]) -> Generator[paramiko.PKey, None, None]:
     """Agent keys first (unless IdentitiesOnly), then each identity file, as ssh does."""
     if not s.identities_only:
         agent: paramiko.Agent | None = None
         try:
-            agent = paramiko.Agent()
-            agent_keys = list(agent.get_keys())
-        except Exception:  # no agent, or an agent that cannot be talked to
-            agent_keys = []
-        yield from agent_keys
-        if agent is not None:
-            agent.close()
+            try:
+                agent = paramiko.Agent()
+                agent_keys = list(agent.get_keys())
+            except Exception:  # no agent, or an agent that cannot be talked to
+                agent_keys = []
+            yield from agent_keys
+        finally:
+            if agent is not None:
+                agent.close()
     for path in s.identity_files:
         if not path.exists():
             continue
@@ -551,6 +572,20 @@ def _remote_sha256(t: paramiko.Transport, path: str, size: int) -> str | _Unavai
 
 #: Exceptions that mean the connection itself failed (SFTP status errors are plain OSError).
 _CONNECTION_ERRORS = (EOFError, paramiko.SSHException, socket.timeout)
+
+
+def _can_collect_write_replies(sftp: paramiko.SFTPClient, remote: paramiko.SFTPFile) -> bool:
+    """Whether pipelined writes can be used: only if their replies can be collected.
+
+    paramiko registers pipelined writes under ``type(None)``, and ``_read_response`` drops the
+    status of any reply it reads for such a request, so a late write error (a full disk) is lost
+    unless the replies are read by request number, from ``SFTPFile._reqs`` (checked with paramiko
+    3.x to 5.1; the range is pinned in pyproject.toml).  If those internals are not there, writes
+    are not pipelined: each reply is then awaited and checked by paramiko's public ``write``.
+    """
+    from collections import deque
+
+    return isinstance(getattr(remote, "_reqs", None), deque) and callable(getattr(sftp, "_read_response", None))
 
 
 def _write_request_size(sftp: paramiko.SFTPClient, remote: paramiko.SFTPFile) -> int:

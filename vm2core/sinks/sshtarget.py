@@ -16,6 +16,7 @@ import getpass
 import hashlib
 import io
 import os
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import paramiko
 
-from vm2core.errors import OutputError
+from vm2core.errors import OutputError, UsageError
 
 DEFAULT_PORT = 22
 
@@ -70,7 +71,7 @@ def parse_target(text: str) -> SshTarget:
         rest = text[len("ssh://"):]
         authority, slash, path = rest.partition("/")
         if not slash or not path:
-            raise OutputError(f"SSH target {text!r} has no remote file path (ssh://[user@]host[:port]/path)")
+            raise UsageError(f"SSH target {text!r} has no remote file path (ssh://[user@]host[:port]/path)")
         user, hostport = _split_user(authority, text)
         host, port = _split_host_port(hostport, text)
         return SshTarget(host=host, path="/" + path, user=user, port=port)
@@ -78,23 +79,23 @@ def parse_target(text: str) -> SshTarget:
     if rest.startswith("["):
         end = rest.find("]")
         if end < 0 or rest[end + 1:end + 2] != ":":
-            raise OutputError(f"SSH target {text!r}: expected [ipv6-address]:path")
+            raise UsageError(f"SSH target {text!r}: expected [ipv6-address]:path")
         host, path = rest[1:end], rest[end + 2:]
     else:
         host, colon, path = rest.partition(":")
         if not colon:
-            raise OutputError(f"SSH target {text!r} has no ':' (use user@host:/path or ssh://host/path)")
+            raise UsageError(f"SSH target {text!r} has no ':' (use user@host:/path or ssh://host/path)")
     if not host:
-        raise OutputError(f"SSH target {text!r} has no host name")
+        raise UsageError(f"SSH target {text!r} has no host name")
     if not path:
-        raise OutputError(f"SSH target {text!r} has no remote file path after ':'")
+        raise UsageError(f"SSH target {text!r} has no remote file path after ':'")
     return SshTarget(host=host, path=path, user=user)
 
 
 def _split_user(authority: str, text: str) -> tuple[str | None, str]:
     user, at, hostport = authority.rpartition("@")
     if at and not user:
-        raise OutputError(f"SSH target {text!r} has an empty user name")
+        raise UsageError(f"SSH target {text!r} has an empty user name")
     return (user or None), hostport
 
 
@@ -105,7 +106,7 @@ def _split_user_scp(text: str) -> tuple[str | None, str]:
     if at < 0:
         return None, text
     if at == 0:
-        raise OutputError(f"SSH target {text!r} has an empty user name")
+        raise UsageError(f"SSH target {text!r} has an empty user name")
     return text[:at], text[at + 1:]
 
 
@@ -113,22 +114,22 @@ def _split_host_port(hostport: str, text: str) -> tuple[str, int | None]:
     if hostport.startswith("["):
         end = hostport.find("]")
         if end < 0:
-            raise OutputError(f"SSH target {text!r}: unterminated [ipv6-address]")
+            raise UsageError(f"SSH target {text!r}: unterminated [ipv6-address]")
         host, tail = hostport[1:end], hostport[end + 1:]
         port_text = tail[1:] if tail.startswith(":") else None
         if tail and port_text is None:
-            raise OutputError(f"SSH target {text!r}: unexpected {tail!r} after the address")
+            raise UsageError(f"SSH target {text!r}: unexpected {tail!r} after the address")
     else:
         host, colon, port_text_raw = hostport.partition(":")
         port_text = port_text_raw if colon else None
     if not host:
-        raise OutputError(f"SSH target {text!r} has no host name")
+        raise UsageError(f"SSH target {text!r} has no host name")
     return host, (_parse_port(port_text, text) if port_text is not None else None)
 
 
 def _parse_port(value: str, what: str) -> int:
     if not value.isdigit() or not 0 < int(value) < 65536:
-        raise OutputError(f"{what}: bad port {value!r}")
+        raise UsageError(f"{what}: bad port {value!r}")
     return int(value)
 
 
@@ -146,9 +147,9 @@ def parse_ssh_options(pairs: Iterable[str]) -> dict[str, str]:
             key, _, value = text.partition(" ")
         key, value = key.strip().lower(), value.strip()
         if key not in SUPPORTED_OPTIONS:
-            raise OutputError(f"unsupported --ssh-option {pair!r}; supported: {', '.join(SUPPORTED_OPTIONS)}")
+            raise UsageError(f"unsupported --ssh-option {pair!r}; supported: {', '.join(SUPPORTED_OPTIONS)}")
         if not value or "\n" in value:
-            raise OutputError(f"--ssh-option {pair!r} has no value")
+            raise UsageError(f"--ssh-option {pair!r} has no value")
         options.setdefault(key, value)  # first value wins, as with ssh -o
     return options
 
@@ -229,7 +230,7 @@ def resolve(target: SshTarget, options: Mapping[str, str] | None = None, *,
         except Exception:
             where = ", ".join(str(p) for p in config_files) if config_files is not None else \
                 str(user_config_path())
-            raise OutputError(f"cannot apply ssh config ({where}) for {target.host}: {exc}") from exc
+            raise UsageError(f"cannot apply ssh config ({where}) for {target.host}: {exc}") from exc
 
     hostname = found.get("hostname", target.host)
     if target.port is not None:
@@ -244,7 +245,7 @@ def resolve(target: SshTarget, options: Mapping[str, str] | None = None, *,
     if strict in ("no", "off"):
         strict = "accept-new"  # a changed key is never accepted (see known_hosts handling)
     elif strict not in ("yes", "accept-new", "ask"):
-        raise OutputError(f"bad StrictHostKeyChecking value {strict!r}")
+        raise UsageError(f"bad StrictHostKeyChecking value {strict!r}")
     if strict == "ask":
         strict = "yes"  # no interactive confirmation: unknown keys need --ssh-accept-new
     timeout = found.get("connecttimeout")
@@ -263,10 +264,24 @@ def resolve(target: SshTarget, options: Mapping[str, str] | None = None, *,
         global_known_hosts=_paths(found.get("globalknownhostsfile"), DEFAULT_GLOBAL_KNOWN_HOSTS),
         hash_known_hosts=_yes(found.get("hashknownhosts", "no")),
         host_key_alias=found.get("hostkeyalias"),
-        connect_timeout=float(timeout) if timeout and timeout.replace(".", "", 1).isdigit() else None,
-        server_alive_interval=int(found.get("serveraliveinterval", "0") or 0),
+        connect_timeout=_seconds(timeout, "ConnectTimeout", target.host) if timeout else None,
+        server_alive_interval=_seconds(found.get("serveraliveinterval", "0") or "0", "ServerAliveInterval",
+                                       target.host),
         proxy_command=found.get("proxycommand"),
     )
+
+
+#: Time units of ssh_config(5) "TIME FORMATS" (OpenSSH misc.c convtime()).
+_TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _seconds(value: str, keyword: str, host: str) -> int:
+    """A time as ssh_config(5) writes it: ``30``, ``10s``, ``1m30s``, ``2h``... (convtime())."""
+    text = value.strip().lower()
+    if not re.fullmatch(r"(\d+[smhdw]?)+", text):
+        raise UsageError(f"{keyword} {value!r} for {host} (--ssh-option or ssh config) is not a time "
+                         "(seconds, or e.g. 10s, 1m30s)")
+    return sum(int(n) * _TIME_UNITS[u] for n, u in re.findall(r"(\d+)([smhdw]?)", text))
 
 
 def _read_config(path: Path, *, required: bool) -> str:
@@ -274,7 +289,7 @@ def _read_config(path: Path, *, required: bool) -> str:
         return path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         if required:
-            raise OutputError(f"ssh config {path} does not exist") from None
+            raise UsageError(f"ssh config {path} does not exist") from None
         return ""
     except OSError as exc:
         raise OutputError(f"cannot read ssh config {path}: {exc.strerror}") from exc

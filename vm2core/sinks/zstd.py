@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zstandard
 
-from vm2core.errors import OutputError
+from vm2core.errors import OutputError, UsageError
 from vm2core.sinks.base import Sink
 
 #: Uncompressed bytes handed to the compressor per call: several zstd jobs at level 3,
@@ -79,6 +79,17 @@ class ZstdSink(Sink):
     @property
     def description(self) -> str:
         return f"{self.inner.description} (zstd level {self.level})"
+
+
+def parse_level(text: str) -> int:
+    """``--zstd=LEVEL`` / ``--zstd-level LEVEL`` as given: an integer libzstd accepts."""
+    try:
+        level = int(text.strip())
+    except ValueError:
+        raise UsageError(f"zstd level {text!r} is not an integer") from None
+    if not MIN_LEVEL <= level <= zstandard.MAX_COMPRESSION_LEVEL:
+        raise UsageError(f"zstd level {level} is outside {MIN_LEVEL}..{zstandard.MAX_COMPRESSION_LEVEL}")
+    return level
 
 
 def zstd_level(output_name: str | None, option: int | None) -> int | None:
