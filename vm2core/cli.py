@@ -284,6 +284,8 @@ def render_info(r: dict[str, Any]) -> str:
                 + (f" ({k['copies']} identical copies)" if k["copies"] > 1 else ""),
             ]
             lines += [f"  caveat: {c_}" for c_ in k["caveats"]]
+            if r.get("candidates_dropped"):
+                lines.append(f"  caveat: {r['candidates_dropped']} further VMCOREINFO-like notes were not examined")
         else:
             lines.append("guest kernel:      not found")
         lines += [f"  {reason}" for reason in r.get("guest_kernel_reasons", []) if not k]

@@ -77,7 +77,8 @@ def describe(state: SavedState, progress: Progress | None = None, *, scan: bool 
     }
     report.update(memory_statistics(state, progress))
     if scan:
-        selection, scanned = find_kernel(state, progress, stop_early=False)
+        search = find_kernel(state, progress, stop_early=False)
+        selection = search.selection
         k = selection.kernel
         report["guest_kernel"] = None if k is None else {
             "osrelease": k.osrelease,
@@ -89,5 +90,6 @@ def describe(state: SavedState, progress: Progress | None = None, *, scan: bool 
             "caveats": list(k.caveats),
         }
         report["guest_kernel_reasons"] = selection.reasons
-        report["scanned_bytes"] = scanned
+        report["scanned_bytes"] = search.scanned_bytes
+        report["candidates_dropped"] = search.dropped
     return report
