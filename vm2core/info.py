@@ -7,7 +7,6 @@ from typing import Any
 from vm2core.core.convert import Progress, find_kernel
 from vm2core.core.zeros import block_zero_runs
 from vm2core.reader.memory import PAGE_SIZE
-from vm2core.reader.partition_state import VENDORS
 from vm2core.reader.savedstate import RAM_BLOCK_KEY, SavedState
 
 
@@ -60,7 +59,7 @@ def describe(state: SavedState, progress: Progress | None = None, *, scan: bool 
         "saved_state_type": state.saved_state_type,
         "dirty_replay_log": state.dirty,
         "architecture": state.architecture,
-        "vendor": VENDORS.get(part.vendor, "unknown") if part.vendor is not None else "unknown",
+        "vendor": part.vendor_name,
         "vp_count": len(state.vps),
         "vtls": vtls,
         "vps": [

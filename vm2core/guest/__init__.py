@@ -9,11 +9,10 @@ from .vmcoreinfo import (
     VmcoreinfoScanner,
     parse_vmcoreinfo,
     scan,
-    scan_memory,
     select_kernel,
 )
 
 __all__ = [
     "AddressSpace", "GuestKernel", "NoteCandidate", "Selection", "Translation", "TranslationError",
-    "VmcoreinfoScanner", "parse_vmcoreinfo", "scan", "scan_memory", "select_kernel",
+    "VmcoreinfoScanner", "parse_vmcoreinfo", "scan", "select_kernel",
 ]

@@ -10,18 +10,19 @@ debugger.  Facts and the selection rule: ``docs/elf-vmcore.md`` sections 2.5, 3 
 from __future__ import annotations
 
 import re
-import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from mmap import mmap
 
+from ..core.elf import NHDR as NOTE_HEADER
+from ..core.elf import pad4
 from ..reader.cpu import VpState
-from ..reader.memory import PAGE_SIZE, MemoryRange, NotInMemory, PhysicalMemory
+from ..reader.memory import PAGE_SIZE, NotInMemory, PhysicalMemory
 from ._memmem import find
 from .paging import AddressSpace, TranslationError
 
 # --- The note as the kernel builds it (linux kernel/vmcore_info.c: update_vmcoreinfo_note) ------------------
-NOTE_HEADER = struct.Struct("<III")        # n_namesz, n_descsz, n_type (u32 also in ELF64 notes)
+# NOTE_HEADER (n_namesz, n_descsz, n_type: u32 also in ELF64 notes) and pad4 come from core/elf.py.
 NOTE_NAME = b"VMCOREINFO\0"                # n_namesz = 11 ...
 NAME_FIELD = b"VMCOREINFO\0\0"             # ... padded to 4 bytes
 # What the scan looks for first: CPython's find is several times slower over zero-filled memory
@@ -54,10 +55,6 @@ Searchable = bytes | bytearray | mmap
 _HEX = re.compile(r"[0-9a-fA-F]{1,16}")
 _SIGNED_DECIMAL = re.compile(r"-?[0-9]{1,20}")
 _DECIMAL = re.compile(r"[0-9]{1,20}")
-
-
-def _round_up4(value: int) -> int:
-    return (value + 3) & ~3
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -226,16 +223,6 @@ def scan(chunks: Iterable[tuple[int, bytes | bytearray | memoryview]]) -> Vmcore
     scanner = VmcoreinfoScanner()
     for gpa, data in chunks:
         scanner.feed(gpa, data)
-    return scanner
-
-
-def scan_memory(memory: PhysicalMemory, ranges: Iterable[MemoryRange],
-                block_size: int = SCAN_BLOCK_SIZE) -> VmcoreinfoScanner:
-    """Pre-pass over RAM through random access: read every range in ``block_size`` pieces."""
-    scanner = VmcoreinfoScanner()
-    for ram in ranges:
-        for gpa in range(ram.gpa_start, ram.gpa_end, block_size):
-            scanner.feed(gpa, memory.read_physical(gpa, min(block_size, ram.gpa_end - gpa)))
     return scanner
 
 
@@ -501,7 +488,7 @@ def _evaluate(gpa: int, data: bytes, copies: int, memory: PhysicalMemory,
         _check_release(osrelease, init_uts_ns - KERNEL_MAP_BASE + phys_base, offsets, memory)
         checks += 1
 
-    note = data[:DESC_OFFSET + descsz] + bytes(_round_up4(descsz) - descsz)
+    note = data[:DESC_OFFSET + descsz] + bytes(pad4(descsz) - descsz)
     kernel = GuestKernel(osrelease=osrelease, kernel_offset=kernel_offset, phys_base=phys_base,
                          pagesize=pagesize, note_gpa=gpa, note=note, vmcoreinfo=info,
                          caveats=tuple(caveats), copies=copies)
