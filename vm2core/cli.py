@@ -225,7 +225,8 @@ def _write_digest_file(core: Path, digest: str) -> None:
 @main.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-@click.option("--no-scan", is_flag=True, help="Do not search guest memory for the kernel (fast).")
+@click.option("--no-scan", is_flag=True,
+              help="Read no guest memory: skip the kernel search and the zero-page count (fast: metadata only).")
 @click.option("--progress/--no-progress", default=None, help="Show progress on stderr.")
 def info(input_path: Path, as_json: bool, no_scan: bool, progress: bool | None) -> None:
     """Describe a saved state: VM, CPUs, memory ranges and the guest kernel found in memory."""
@@ -269,7 +270,8 @@ def render_info(r: dict[str, Any]) -> str:
         f"stored RAM data:   {human_bytes(r['stored_bytes'])} in {b['raw']} raw, {b['records']} "
         f"record-encoded and {b['missing']} missing blocks",
         f"zero pages:        {r['zero_pages']} ({100 * r['zero_share']:.1f}% of RAM, from fill records "
-        "and missing blocks)",
+        "and missing blocks)" if r["zero_pages"] is not None else
+        "zero pages:        not counted (--no-scan reads no RAM data)",
     ]
     if "guest_kernel" in r:
         k = r["guest_kernel"]

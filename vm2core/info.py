@@ -10,11 +10,23 @@ from vm2core.reader.memory import PAGE_SIZE
 from vm2core.reader.savedstate import RAM_BLOCK_KEY, SavedState
 
 
-def memory_statistics(state: SavedState, progress: Progress) -> dict[str, Any]:
-    """Stored bytes, block encodings and pages known to be zero (fill records, missing blocks)."""
+def memory_statistics(state: SavedState, progress: Progress, *, zero_pages: bool = True) -> dict[str, Any]:
+    """Stored bytes, block encodings and pages known to be zero (fill records, missing blocks).
+
+    Stored bytes and encodings come from the key table alone; counting zero pages reads every
+    record-encoded block's headers (the whole block from disk), so ``zero_pages=False`` skips it
+    and reports the zero statistics as None.
+    """
     stored = 0
     encodings = {"raw": 0, "records": 0, "missing": 0}
     zero = 0
+    if not zero_pages:
+        for r in state.ranges:
+            for info, _start, _length in state.blocks_of(r):
+                encodings[info.encoding] += info.count
+                stored += info.stored_size
+        return {"stored_bytes": stored, "blocks": encodings, "zero_bytes": None, "zero_share": None,
+                "zero_pages": None}
     progress.start("reading RAM block headers", state.total_ram)
     try:
         for r in state.ranges:
@@ -74,7 +86,7 @@ def describe(state: SavedState, progress: Progress | None = None, *, scan: bool 
         ],
         "total_ram": state.total_ram,
     }
-    report.update(memory_statistics(state, progress))
+    report.update(memory_statistics(state, progress, zero_pages=scan))
     if scan:
         search = find_kernel(state, progress, stop_early=False)
         selection = search.selection
