@@ -208,3 +208,43 @@ def test_page_aligned_candidates_push_out_unaligned_ones() -> None:
     assert [c.gpa for c in scanner.candidates] == [0x5000, 0x7000] and scanner.dropped == 3
     scanner.feed(0x9000, _look_alike(11))                  # all kept ones aligned: the newcomer is dropped
     assert [c.gpa for c in scanner.candidates] == [0x5000, 0x7000] and scanner.dropped == 4
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_note_placements_choose_alike(seed: int, tmp_path: Path) -> None:
+    """Random mixes of valid, one-check-short and refused notes, aligned or not: file == pipe, and the
+    choice is the rule's (most checks, then page aligned, then lowest address) computed here."""
+    import random
+
+    rng = random.Random(seed)
+    g = build_guest(ram_size=128 * MIB, live_note=rng.random() < 0.5, decoys={"stale"})
+    placed: list[tuple[int, bytes, int]] = []      # (gpa, note, checks it passes; -1 refused)
+    if g.truth.note_gpa is not None:
+        placed.append((g.truth.note_gpa, g.truth.note, 2))
+    for i in range(rng.randint(2, 6)):
+        kind = rng.choice(["valid", "one-check", "refused"])
+        note = (_valid_variant(g, f"v{seed}-{i}") if kind == "valid"
+                else _valid_variant(g, f"o{seed}-{i}", omit=frozenset({"SYMBOL(init_uts_ns)"})) if kind == "one-check"
+                else _look_alike(1000 * seed + i))
+        page = rng.randrange(0x302, 0x9F0) if rng.random() < 0.5 else rng.randrange(0xE03, 0x1FF0)
+        gpa = page * PAGE + (0 if rng.random() < 0.5 else 4 * rng.randrange(1, 900))
+        if g.ram.read(gpa - 8, len(note) + 16) != bytes(len(note) + 16):
+            continue
+        _place(g, gpa, note)
+        placed.append((gpa, note, {"valid": 2, "one-check": 1, "refused": -1}[kind]))
+    valid = [p for p in placed if p[2] >= 0]
+    expected = None
+    if valid:
+        best = max(c for _, _, c in valid)
+        expected = min((p for p in valid if p[2] == best), key=lambda p: (p[0] % PAGE != 0, p[0]))[1]
+    path = tmp_path / "r.vmrs"
+    write_vmrs(path, g.range_specs(), g.vps, WriterOptions(policy="records", seed=seed, xpress_fraction=0.1))
+    cores = []
+    for seekable in (True, False):
+        sink = MemorySink(seekable)
+        with SavedState.open(path) as state:
+            result = convert(state, sink)
+        chosen = result.selection.kernel.note if result.selection.kernel else None
+        assert chosen == expected, (seekable, placed)
+        cores.append(sink.buf.getvalue())
+    assert cores[0] == cores[1]

@@ -101,6 +101,7 @@ def find_kernel(state: SavedState, progress: Progress, *, stop_early: bool = Tru
     pool = BufferPool(keep=4 * (workers or worker_count()) + 4)
     decoder = BlockDecoder(state, pool)
     scanned = 0
+    stop_at: int | None = None        # lowest GPA of a note no other can outrank
     progress.start("searching for VMCOREINFO", sum(ld.filesz for ld in loads))
     stream = decode_in_order(decoder, _slices(state, loads), workers=workers)
     try:
@@ -109,8 +110,13 @@ def find_kernel(state: SavedState, progress: Progress, *, stop_early: bool = Tru
             pool.put(decoded.buffer)
             scanned += decoded.slice.length
             progress.advance(decoded.slice.length)
-            if stop_early and any(selector.unbeatable(c) and not scanner.pending_below(c.gpa)
-                                  for c in scanner.take_aligned_ready()):
+            if not stop_early:
+                continue
+            for candidate in scanner.take_aligned_ready():
+                if (stop_at is None or candidate.gpa < stop_at) and selector.unbeatable(candidate):
+                    stop_at = candidate.gpa
+            # A note below it still waiting for its bytes could yet outrank it: wait for that one.
+            if stop_at is not None and not scanner.pending_below(stop_at):
                 break
     finally:
         stream.close()
@@ -244,7 +250,8 @@ def convert(state: SavedState, sink: Sink, *, progress: Progress | None = None,
         _stream_memory(state, sink, layout, loads, progress, scanner, workers)
         if scanner is not None:
             dropped = scanner.dropped
-            selection = KernelSelector(state, vps).select(scanner.candidates, scanned_bytes=scanner.bytes_scanned,
+            selection = KernelSelector(state, vps).select(scanner.candidates,
+                                                          scanned_bytes=sum(ld.filesz for ld in loads),
                                                           dropped=dropped)
         else:
             selection = Selection(None, ["the VMCOREINFO search was skipped"])
