@@ -35,7 +35,6 @@ MIN_DESC_SIZE = len(DESC_PREFIX)
 MAX_DESC_SIZE = 4096                       # VMCOREINFO_BYTES = PAGE_SIZE on x86-64
 NOTE_ALIGNMENT = 4                         # notes are u32 arrays; the live one is even page aligned
 SIGNATURE_LENGTH = DESC_OFFSET + len(DESC_PREFIX)  # bytes needed to recognise a note (34)
-SCAN_BLOCK_SIZE = 1 << 20                  # a RamBlock: the unit readers stream memory in
 MAX_CANDIDATES = 1024                      # bound on memory kept for hostile RAM full of signatures
 
 # --- x86-64 kernel facts --------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from vm2core.reader.memory import PAGE_SIZE, Data, FileSpan, Piece, Zeros
 from vm2core.reader.xpress import XpressError, decompress
 
 BLOCK_SIZE = 1 << 20                 # [FMT] 1 MiB per RamBlock
-PAGES_PER_BLOCK = BLOCK_SIZE // PAGE_SIZE
 
 # [RE] record tags (vmrs-format.md §4); any other tag n is an n-byte page.
 TAG_END = 0xFFFFFFFF
