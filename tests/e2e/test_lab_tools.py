@@ -1,7 +1,9 @@
 """The lab's own parsers, on real output saved from a lab run (no QEMU/crash needed).
 
 data/hmp_info_registers_2cpu.txt: QEMU 7.2 ``info registers -a`` of the 2-vCPU guest;
-data/crash_bt_a_qemu_core.txt: crash 8.0.6 ``bt -a`` on QEMU's dump of that same pause.
+data/crash_bt_a_qemu_core.txt: crash 8.0.6 ``bt -a`` on QEMU's dump of that same pause;
+data/hmp_info_registers_2cpu_b.txt + crash_help_{r,n}_vm2core_core.txt: another pause, and crash 8.0.6
+``help -r`` / ``help -n`` on vm2core's core of it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from scripts.lab import hmp_registers, initramfs, readers
-from tests.e2e.helpers import GP_NAMES, hmp_registers_by_name
+from tests.e2e.helpers import GP_NAMES, SEGMENT_NAMES, hmp_registers_by_name
 
 DATA = Path(__file__).with_name("data")
 
@@ -76,6 +78,24 @@ def test_bt_saved_registers_are_qemus() -> None:
         assert set(shown) == {*GP_NAMES, "cs", "ss"}
         assert shown == {name: want[name] for name in shown}
     assert readers.bt_saved_registers("PID: 0  TASK: 0  CPU: 0  COMMAND: x\n #0 [0] f at 0") == {}
+
+
+def test_help_r_and_help_n_of_a_vm2core_core_are_qemus() -> None:
+    """Saved from one lab run: crash 8.0.6 ``help -r`` / ``help -n`` on vm2core's core of a pause, and QEMU's
+    ``info registers -a`` of that same pause (hmp_info_registers_2cpu_b.txt)."""
+    vcpus = hmp_registers.parse_all((DATA / "hmp_info_registers_2cpu_b.txt").read_text())
+    shown = readers.parse_help_r((DATA / "crash_help_r_vm2core_core.txt").read_text())
+    notes = readers.parse_prstatus_notes((DATA / "crash_help_n_vm2core_core.txt").read_text())
+    assert sorted(shown) == [0, 1] and len(notes) == 2
+    for vcpu, note in zip(vcpus, notes, strict=True):
+        want = hmp_registers_by_name(vcpu)
+        cpu = shown[vcpu["index"]]
+        assert cpu["regs"] == {**{n: want[n] for n in (*GP_NAMES, "cr0", "cr2", "cr3", "cr4")}, "cr1": 0}
+        assert {n: cpu["segments"][n]["selector"] for n in SEGMENT_NAMES} == {n: want[n] for n in SEGMENT_NAMES}
+        assert cpu["segments"]["idtr"]["base"] == vcpu["idtr"]["base"]
+        names = (*GP_NAMES, "cs", "ss", "ds", "es", "fs", "gs", "fs_base", "gs_base")
+        assert note["pid"] == vcpu["index"] + 1
+        assert {n: note["regs"][n] for n in names} == {n: want[n] for n in names}
 
 
 def test_help_r_and_prstatus_parsers() -> None:
