@@ -4,6 +4,7 @@ phys_base, and the virtual->physical translation needed to check them."""
 from .paging import AddressSpace, Translation, TranslationError
 from .vmcoreinfo import (
     GuestKernel,
+    KernelSelector,
     NoteCandidate,
     Selection,
     VmcoreinfoScanner,
@@ -13,6 +14,6 @@ from .vmcoreinfo import (
 )
 
 __all__ = [
-    "AddressSpace", "GuestKernel", "NoteCandidate", "Selection", "Translation", "TranslationError",
+    "AddressSpace", "GuestKernel", "KernelSelector", "NoteCandidate", "Selection", "Translation", "TranslationError",
     "VmcoreinfoScanner", "parse_vmcoreinfo", "scan", "select_kernel",
 ]

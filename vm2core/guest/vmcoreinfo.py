@@ -218,7 +218,7 @@ class VmcoreinfoScanner:
 
 
 def scan(chunks: Iterable[tuple[int, bytes | bytearray | memoryview]]) -> VmcoreinfoScanner:
-    """Run a scanner over ``(gpa, data)`` chunks (convenience for pre-passes and tests)."""
+    """Run a scanner over ``(gpa, data)`` chunks (a convenience for tests and tools)."""
     scanner = VmcoreinfoScanner()
     for gpa, data in chunks:
         scanner.feed(gpa, data)
