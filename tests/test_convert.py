@@ -139,7 +139,8 @@ def check_prstatus(desc: bytes, vp: VpState, cpu: int) -> None:
                  "rsi", "rdi", "rip", "rsp"):
         assert regs[name] == vp.gp.get(name, 0), name
     assert regs["eflags"] == vp.gp["rflags"]
-    assert regs["cs"] == vp.segment("cs").selector and regs["ss"] == vp.segment("ss").selector
+    for seg in ("cs", "ss", "ds", "es", "fs", "gs"):
+        assert regs[seg] == vp.segment(seg).selector, seg
     assert regs["fs_base"] == vp.segment("fs").base and regs["gs_base"] == vp.segment("gs").base
     assert regs["orig_rax"] == 0
 
@@ -151,12 +152,15 @@ def check_qemu(desc: bytes, vp: VpState) -> None:
     order = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12", "r13",
              "r14", "r15", "rip", "rflags")
     assert gp == tuple(vp.gp.get(n, 0) for n in order)
-    cs_sel, cs_limit, cs_flags, _, cs_base = struct.unpack_from("<IIIIQ", desc, 152)
-    cs = vp.segment("cs")
-    assert (cs_sel, cs_limit, cs_base) == (cs.selector, cs.limit, cs.base)
-    # QEMU keeps descriptor bits 8..23 of the high dword; Hyper-V's attribute word packs bits 8..15, 20..23.
-    assert ((cs_flags >> 8) & 0xFF) | ((cs_flags >> 8) & 0xF000) == cs.attributes
-    assert struct.unpack_from("<Q", desc, 384)[0] == vp.idtr.base
+    # QEMUCPUSegment slots (elf-vmcore.md 2.4): cs ds es fs gs ss ldt tr, then gdt and idt, 24 bytes each.
+    for i, name in enumerate(("cs", "ds", "es", "fs", "gs", "ss", "ldtr", "tr")):
+        sel, limit, flags, _, base = struct.unpack_from("<IIIIQ", desc, 152 + 24 * i)
+        seg = vp.segment(name)
+        assert (sel, limit, base) == (seg.selector, seg.limit, seg.base), name
+        # QEMU keeps descriptor bits 8..23 of the high dword; Hyper-V's attribute word packs bits 8..15, 20..23.
+        assert ((flags >> 8) & 0xFF) | ((flags >> 8) & 0xF000) == seg.attributes, name
+    assert struct.unpack_from("<IIIIQ", desc, 344) == (0, vp.gdtr.limit, 0, 0, vp.gdtr.base)
+    assert struct.unpack_from("<IIIIQ", desc, 368) == (0, vp.idtr.limit, 0, 0, vp.idtr.base)
     assert struct.unpack_from("<5Q", desc, 392) == (vp.reg("cr0"), 0, vp.reg("cr2"), vp.reg("cr3"), vp.reg("cr4"))
 
 
@@ -171,11 +175,11 @@ def test_convert_synthetic_guest(guest: SyntheticGuest, guest_vmrs: Path, seekab
     assert k is not None
     assert (k.osrelease, k.kernel_offset, k.phys_base, k.note) == \
         (guest.truth.osrelease, guest.truth.kernel_offset, guest.truth.phys_base, guest.truth.note)
-    if seekable:
-        assert k.note_gpa == guest.truth.note_gpa
-    else:
-        # The pipe pre-scan stops at the first copy that validates (here an identical heap copy).
-        assert 0 < result.prescan_bytes <= sum(s for _, s in guest.ram.ranges)
+    # Both paths choose by one rule: the page-aligned live note, not the identical heap copy below it.
+    assert k.note_gpa == guest.truth.note_gpa
+    if not seekable:
+        # The pipe pre-scan may stop once the aligned note that passed every check has been seen.
+        assert guest.truth.note_gpa < result.prescan_bytes <= sum(s for _, s in guest.ram.ranges)
 
 
 def test_cli_file_and_stdout_are_identical(guest: SyntheticGuest, guest_vmrs: Path, tmp_path: Path) -> None:

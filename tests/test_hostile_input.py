@@ -38,24 +38,22 @@ from tests.conftest import (
 from tests.fixtures.synthetic_guest import SyntheticGuest
 from tests.vmrs_writer import RangeSpec, WriterOptions, ram_from_bytes, write_vmrs
 from tests.vmrs_writer.keystore import KeyStore, array_value, file_object_value, int_value
-from tests.vmrs_writer.partition_state import build_partition_state
+from tests.vmrs_writer.partition_state import CHUNK_HEADER, DESCRIPTOR, build_partition_state
+from tests.vmrs_writer.ramblock import CHUNK_HEADER as CHUNK
+from tests.vmrs_writer.ramblock import FILL_RECORD as FILL_PAGE
+from tests.vmrs_writer.ramblock import MULTI_FILL_RECORD as FILL_RUN
 from tests.vmrs_writer.ramdesc import pack_ram_memory_block
+from tests.vmrs_writer.structs import FILE_HEADER, KEY_TABLE_HEADER, OBJECT_ENTRY, OBJECT_TABLE_HEADER
+from tests.vmrs_writer.structs import FILE_OBJECT_DATA as FILE_OBJECT_REF
+from tests.vmrs_writer.structs import HEADER_COPY_OFFSETS as HEADER_COPIES
+from tests.vmrs_writer.structs import KEY_ENTRY_HEADER as KEY_ENTRY
+from tests.vmrs_writer.structs import ROOT_OBJECT_TABLE_OFFSET as ROOT_TABLE
 from vm2core.errors import FormatError, UnsupportedError, Vm2coreError
 from vm2core.reader.container import HyperVStorage
 from vm2core.reader.savedstate import SavedState
 
-# Structures as the format describes them (vmrs-format.md §1, §3, §4); used to aim the damage.
-FILE_HEADER = struct.Struct("<IIHIIIIQQI")           # 46 bytes, copies at 0 and 4096
-HEADER_COPIES = (0, 4096)
-ROOT_TABLE = 8192
-OBJECT_TABLE_HEADER = struct.Struct("<II")           # signature, entry count
-OBJECT_ENTRY = struct.Struct("<BIQIB")               # type, crc, file offset, size, flags
-KEY_TABLE_HEADER = struct.Struct("<HHHI")            # signature, index, sequence, crc
-KEY_ENTRY = struct.Struct("<BBIHIIIB")               # type, flags, size, parent table/offset, crc, seq, name len
-FILE_OBJECT_REF = struct.Struct("<IQ")               # size, file offset
+# The structures used to aim the damage are the test writer's (vmrs-format.md §1, §3, §4).
 U32, U64 = struct.Struct("<I"), struct.Struct("<Q")
-CHUNK_HEADER = struct.Struct("<II8x")                # partition_state chunk: id, data length
-DESCRIPTOR = struct.Struct("<QQQ")                   # partition_state descriptor
 PARTITION_STATE = "/savedstate/savedVM/partition_state"
 
 EXIT_INPUT = 2
@@ -616,9 +614,6 @@ def test_bit_flips_on_the_cli(tiny: tuple[Path, bytes, Layout], tmp_path: Path) 
 # RamBlock records
 # --------------------------------------------------------------------------------------------------
 
-FILL_PAGE = struct.Struct("<IQ")          # 0xFFFFFFFE, pattern
-FILL_RUN = struct.Struct("<IQI")          # 0xFFFFFFFD, pattern, count
-CHUNK = struct.Struct("<III")             # 0xFFFFFFFC, out size, stored size
 END = U32.pack(0xFFFFFFFF)
 
 

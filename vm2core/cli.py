@@ -404,7 +404,8 @@ def _write_digest_file(target: Path, core: Path, digest: str, *, force: bool) ->
 @main.command()
 @click.argument("input_paths", metavar="INPUT [INPUT2]", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-@click.option("--no-scan", is_flag=True, help="Do not search guest memory for the kernel (fast).")
+@click.option("--no-scan", is_flag=True,
+              help="Read no guest memory: skip the kernel search and the zero-page count (fast: metadata only).")
 @click.option("--progress/--no-progress", default=None, help="Show progress on stderr.")
 @_backend_options
 @_vm_options
@@ -493,7 +494,8 @@ def render_info(r: dict[str, Any]) -> str:
             f"stored RAM data:   {human_bytes(r['stored_bytes'])} in {b['raw']} raw, {b['records']} "
             f"record-encoded and {b['missing']} missing blocks",
             f"zero pages:        {r['zero_pages']} ({100 * r['zero_share']:.1f}% of RAM, from fill records "
-            "and missing blocks)",
+            "and missing blocks)" if r["zero_pages"] is not None else
+            "zero pages:        not counted (--no-scan reads no RAM data)",
         ]
     if "guest_kernel" in r:
         k = r["guest_kernel"]
@@ -508,6 +510,8 @@ def render_info(r: dict[str, Any]) -> str:
                 + (f" ({k['copies']} identical copies)" if k["copies"] > 1 else ""),
             ]
             lines += [f"  caveat: {c_}" for c_ in k["caveats"]]
+            if r.get("candidates_dropped"):
+                lines.append(f"  caveat: {r['candidates_dropped']} further VMCOREINFO-like notes were not examined")
         else:
             lines.append("guest kernel:      not found")
         lines += [f"  {reason}" for reason in r.get("guest_kernel_reasons", []) if not k]

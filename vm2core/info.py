@@ -9,15 +9,26 @@ from vm2core.core.convert import Progress, find_kernel
 from vm2core.core.zeros import block_zero_runs
 from vm2core.reader.backend import SavedStateFace
 from vm2core.reader.memory import PAGE_SIZE
-from vm2core.reader.partition_state import VENDORS
 from vm2core.reader.savedstate import RAM_BLOCK_KEY, SavedState
 
 
-def memory_statistics(state: SavedState, progress: Progress) -> dict[str, Any]:
-    """Stored bytes, block encodings and pages known to be zero (fill records, missing blocks)."""
+def memory_statistics(state: SavedState, progress: Progress, *, zero_pages: bool = True) -> dict[str, Any]:
+    """Stored bytes, block encodings and pages known to be zero (fill records, missing blocks).
+
+    Stored bytes and encodings come from the key table alone; counting zero pages reads every
+    record-encoded block's headers (the whole block from disk), so ``zero_pages=False`` skips it
+    and reports the zero statistics as None.
+    """
     stored = 0
     encodings = {"raw": 0, "records": 0, "missing": 0}
     zero = 0
+    if not zero_pages:
+        for r in state.ranges:
+            for info, _start, _length in state.blocks_of(r):
+                encodings[info.encoding] += info.count
+                stored += info.stored_size
+        return {"stored_bytes": stored, "blocks": encodings, "zero_bytes": None, "zero_share": None,
+                "zero_pages": None}
     progress.start("reading RAM block headers", state.total_ram)
     try:
         for r in state.ranges:
@@ -41,7 +52,7 @@ def memory_statistics(state: SavedState, progress: Progress) -> dict[str, Any]:
 
 def describe(state: SavedStateFace, progress: Progress | None = None, *, scan: bool = True) -> dict[str, Any]:
     progress = progress or Progress()
-    report = _describe_native(state, progress) if isinstance(state, SavedState) else _describe_other(state)
+    report = _describe_native(state, progress, scan) if isinstance(state, SavedState) else _describe_other(state)
     if scan:
         _describe_kernel(state, progress, report)
     return report
@@ -73,7 +84,7 @@ def _ranges(state: SavedStateFace) -> list[dict[str, Any]]:
             for r in state.ranges]
 
 
-def _describe_native(state: SavedState, progress: Progress) -> dict[str, Any]:
+def _describe_native(state: SavedState, progress: Progress, scan: bool) -> dict[str, Any]:
     c = state.container
     h = c.header
     part = state.partition
@@ -95,19 +106,20 @@ def _describe_native(state: SavedState, progress: Progress) -> dict[str, Any]:
         "saved_state_type": state.saved_state_type,
         "dirty_replay_log": state.dirty,
         "architecture": state.architecture,
-        "vendor": VENDORS.get(part.vendor, "unknown") if part.vendor is not None else "unknown",
+        "vendor": part.vendor_name,
         "vp_count": len(state.vps),
         "vtls": vtls,
         "vps": _vps(state),
         "memory_ranges": _ranges(state),
         "total_ram": state.total_ram,
     }
-    report.update(memory_statistics(state, progress))
+    report.update(memory_statistics(state, progress, zero_pages=scan))
     return report
 
 
 def _describe_kernel(state: SavedStateFace, progress: Progress, report: dict[str, Any]) -> None:
-    selection, scanned = find_kernel(state, progress, stop_early=False)
+    search = find_kernel(state, progress, stop_early=False)
+    selection = search.selection
     k = selection.kernel
     report["guest_kernel"] = None if k is None else {
         "osrelease": k.osrelease,
@@ -119,4 +131,5 @@ def _describe_kernel(state: SavedStateFace, progress: Progress, report: dict[str
         "caveats": list(k.caveats),
     }
     report["guest_kernel_reasons"] = selection.reasons
-    report["scanned_bytes"] = scanned
+    report["scanned_bytes"] = search.scanned_bytes
+    report["candidates_dropped"] = search.dropped

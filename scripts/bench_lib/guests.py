@@ -12,24 +12,29 @@ few MB/s): the block encoder then only looks pages up, so writing 4 GiB takes se
 from __future__ import annotations
 
 import random
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from tests.fixtures.synthetic_guest import SyntheticGuest, build_guest
 from tests.fixtures.xpress_compress import compress
 from tests.vmrs_writer import RangeSpec
+from tests.vmrs_writer.ramblock import (
+    FILL_RECORD,
+    MULTI_FILL_RECORD,
+    PAGE_HEADER,
+    TAG_END,
+    TAG_FILL,
+    TAG_MULTI_FILL,
+    TAG_RAW_PAGE,
+)
 
 PAGE = 4096
 BLOCK = 1 << 20
 PAGES_PER_BLOCK = BLOCK // PAGE
 GIB = 1 << 30
 ZERO_PAGE = bytes(PAGE)
-# Record tags (vmrs-format.md section 4), as the test writer spells them.
-FILL_RECORD = struct.Struct("<IQ")
-MULTI_FILL_RECORD = struct.Struct("<IQI")
-PAGE_HEADER = struct.Struct("<I")
-TAG_FILL, TAG_MULTI_FILL, TAG_RAW_PAGE, TAG_END = 0xFFFFFFFE, 0xFFFFFFFD, 0x1000, 0xFFFFFFFF
+# Record structs and tags (vmrs-format.md section 4) are the test writer's; records_encoder below
+# differs from the writer's encoder only in taking XPRESS records from a precompressed page pool.
 WORDS = (b"kernel task page inode dentry socket buffer lock queue struct mutex slab cache irq "
          b"timer sched cgroup mount file vma pte pmd anon swap block request bio ext4 xfs").split()
 

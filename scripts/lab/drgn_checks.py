@@ -51,6 +51,9 @@ def collect(core: str, vmlinux: str, marker: str, vmcoreinfo: bytes | None) -> d
                         name = None
                 frames.append({"name": name, "pc": int(frame.pc)})
             entry["frames"] = frames
+            # The innermost frame's registers: for a running task, drgn takes them from the NT_PRSTATUS note
+            # whose pr_pid is cpu + 1.
+            entry["registers"] = {name: int(value) for name, value in trace[0].registers().items()} if frames else {}
         except Exception as exc:  # noqa: BLE001 - reported, not raised: the caller asserts on it
             entry["error"] = f"{type(exc).__name__}: {exc}"
         cpus[str(cpu)] = entry

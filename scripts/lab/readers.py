@@ -153,6 +153,66 @@ def normalise_bt(text: str) -> dict[int, CpuBacktrace]:
     return blocks
 
 
+# ---------------------------------------------------------------------------------------------- registers
+
+# "  RAX: 000000000001ad40  RBX: ..." (also "RDI:0000..." with no space, as crash prints it)
+_REG_VALUE = re.compile(r"\b([A-Z][A-Z0-9_]*):\s*([0-9a-f]+)\b")
+# "   CS: selector: 0010  limit: ffffffff  flags: 00af9b00\n       pad: 00000000   base: 0000000000000000"
+_QEMU_SEGMENT = re.compile(r"^\s*(CS|DS|ES|FS|GS|SS|LDT|TR|GDT|IDT): selector: ([0-9a-f]+)\s+limit: ([0-9a-f]+)"
+                           r"\s+flags: ([0-9a-f]+)\s*\n\s*pad: ([0-9a-f]+)\s+base: ([0-9a-f]+)", re.MULTILINE)
+_HELP_R_CPU = re.compile(r"^CPU (\d+):", re.MULTILINE)
+_SEGMENT_NAMES = {"LDT": "ldtr", "GDT": "gdtr", "IDT": "idtr"}
+
+
+def parse_help_r(text: str) -> dict[int, dict[str, Any]]:
+    """crash ``help -r`` on a core with "QEMU" notes (``dump_registers_for_qemu_mem_dump``) ->
+    {cpu: {"regs": {"rax": ..., "rflags": ..., "cr0": ...}, "segments": {"cs": {"selector", "limit",
+    "flags", "pad", "base"}, ..., "gdtr": ..., "idtr": ...}}}."""
+    headers = list(_HELP_R_CPU.finditer(text))
+    out: dict[int, dict[str, Any]] = {}
+    for i, header in enumerate(headers):
+        block = text[header.end():headers[i + 1].start() if i + 1 < len(headers) else len(text)]
+        segments = {}
+        for name, selector, limit, flags, pad, base in _QEMU_SEGMENT.findall(block):
+            segments[_SEGMENT_NAMES.get(name, name.lower())] = {
+                "selector": int(selector, 16), "limit": int(limit, 16), "flags": int(flags, 16),
+                "pad": int(pad, 16), "base": int(base, 16)}
+        rest = _QEMU_SEGMENT.sub("", block)
+        regs = {name.lower(): int(value, 16) for name, value in _REG_VALUE.findall(rest)}
+        out[int(header.group(1))] = {"regs": regs, "segments": segments}
+    return out
+
+
+def parse_prstatus_notes(text: str) -> list[dict[str, Any]]:
+    """crash ``help -n``: every NT_PRSTATUS note in file order (``display_prstatus_x86_64``) ->
+    [{"pid": int, "regs": {"r15": ..., "rflags": ..., "fs_base": ..., "cs": ...}}]."""
+    notes = []
+    for block in text.split("Elf64_Nhdr:")[1:]:
+        if "(NT_PRSTATUS)" not in block:
+            continue
+        pid = re.search(r"\bpid: (\d+)", block)
+        regs = {name.lower(): int(value, 16) for name, value in _REG_VALUE.findall(block)}
+        if "rflags" not in regs or pid is None:
+            raise ValueError(f"unexpected NT_PRSTATUS display:\n{block}")
+        notes.append({"pid": int(pid.group(1)), "regs": regs})
+    return notes
+
+
+def bt_saved_registers(block_text: str) -> dict[str, int]:
+    """The first register dump of one ``bt`` block ("RIP: ... RSP: ... RFLAGS: ..." up to "CS: ... SS: ..."),
+    names lower-cased; {} when the block has none."""
+    lines = block_text.splitlines()
+    start = next((i for i, line in enumerate(lines) if re.match(r"^\s*RIP: [0-9a-f]+\s+RSP: ", line)), None)
+    if start is None:
+        return {}
+    regs: dict[str, int] = {}
+    for line in lines[start:]:
+        regs.update((name.lower(), int(value, 16)) for name, value in _REG_VALUE.findall(line))
+        if re.search(r"\bCS: [0-9a-f]+", line):
+            break
+    return regs
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,3 +62,26 @@ def shows_saved_registers(block_text: str, vcpu: dict[str, Any]) -> bool:
 def kernel_mode(vcpu: dict[str, Any]) -> bool:
     """The vCPU was paused in ring 0 (only then must a backtrace start at its saved RIP)."""
     return (vcpu["segments"]["cs"]["selector"] & 3) == 0
+
+
+GP_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13",
+            "r14", "r15", "rip", "rflags")
+SEGMENT_NAMES = ("es", "cs", "ss", "ds", "fs", "gs", "ldtr", "tr")
+# The bits of QEMU's segment flags that survive the Hyper-V/VMX attribute word (type/S/DPL/P at 8-15,
+# AVL/L/D/G at 20-23; docs/lab.md): the rest cannot be carried by a .vmrs, so they are not compared.
+QEMU_FLAG_BITS = 0x00F0FF00
+
+
+def hmp_registers_by_name(vcpu: dict[str, Any]) -> dict[str, int]:
+    """QEMU's ``info registers`` for one vCPU, under the names crash and drgn print (lower case).
+
+    Everything here is QEMU's own view of the paused vCPU: the ground truth every reader must show.
+    """
+    regs = vcpu["regs"]
+    out = {name: regs[name] for name in GP_NAMES}
+    out.update({name: regs[name] for name in ("cr0", "cr2", "cr3", "cr4")})
+    for name in SEGMENT_NAMES:
+        out[name] = vcpu["segments"][name]["selector"]
+    out["fs_base"] = vcpu["segments"]["fs"]["base"]
+    out["gs_base"] = vcpu["segments"]["gs"]["base"]
+    return out

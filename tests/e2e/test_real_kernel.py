@@ -20,8 +20,12 @@ import pytest
 from scripts.lab import capture, config, readers
 from tests.e2e.helpers import (
     BASELINE_CRASH_COMMANDS,
+    GP_NAMES,
+    QEMU_FLAG_BITS,
     REPO_ROOT,
+    SEGMENT_NAMES,
     Capture,
+    hmp_registers_by_name,
     kernel_mode,
     parse_ps,
     shows_saved_registers,
@@ -30,6 +34,8 @@ from tests.e2e.helpers import (
 pytestmark = pytest.mark.e2e
 
 CLI_TIMEOUT_SECONDS = 900
+# On our core crash also prints every register it holds: "help -r" (the QEMU notes), "help -n" (NT_PRSTATUS).
+OUR_CRASH_COMMANDS = [*BASELINE_CRASH_COMMANDS, "help -r", "help -n"]
 CHUNK = 1 << 20
 PT_LOAD = 1
 
@@ -96,8 +102,8 @@ def conversion(real_vmrs: Path, request: pytest.FixtureRequest,
 
 @pytest.fixture(scope="session")
 def our_crash(lab: config.LabConfig, conversion: Conversion) -> dict[str, str]:
-    outputs = readers.run_crash_each(conversion.core, BASELINE_CRASH_COMMANDS, lab)
-    return dict(zip(BASELINE_CRASH_COMMANDS, outputs, strict=True))
+    outputs = readers.run_crash_each(conversion.core, OUR_CRASH_COMMANDS, lab)
+    return dict(zip(OUR_CRASH_COMMANDS, outputs, strict=True))
 
 
 @pytest.fixture(scope="session")
@@ -219,6 +225,67 @@ def test_crash_bt_starts_at_each_saved_rip(our_crash: dict[str, str], qemu_crash
     assert expected or not any(kernel_mode(v) for v in guest.vcpus), qemu_crash["bt -a"]
     for vcpu in expected:
         assert shows_saved_registers(blocks[vcpu["index"]].text, vcpu), blocks[vcpu["index"]].text
+
+
+# ------------------------------------------------------------------------- registers vs QEMU's own view
+# Every register crash and drgn show for a vCPU must be the value QEMU's "info registers" printed at the pause
+# (capture.json), not merely what vm2core's reader handed over.
+
+def test_crash_bt_register_frames_match_qemu(our_crash: dict[str, str], guest: Capture) -> None:
+    """Where a CPU's backtrace starts from the saved registers, every register of that frame is QEMU's."""
+    blocks = readers.normalise_bt(our_crash["bt -a"])
+    checked = 0
+    for vcpu in guest.vcpus:
+        block = blocks[vcpu["index"]].text
+        if not shows_saved_registers(block, vcpu):
+            continue
+        want = hmp_registers_by_name(vcpu)
+        shown = readers.bt_saved_registers(block)
+        assert set(shown) >= {*GP_NAMES, "cs", "ss"}, block
+        assert {name: value for name, value in shown.items() if name != "orig_rax"} == {
+            name: want[name] for name in shown if name != "orig_rax"}, block
+        checked += 1
+    assert checked or not any(kernel_mode(v) for v in guest.vcpus), our_crash["bt -a"]
+
+
+def test_crash_qemu_notes_match_qemu(our_crash: dict[str, str], guest: Capture) -> None:
+    """crash ``help -r``: every GP, control, segment and table register of every vCPU's QEMU note."""
+    shown = readers.parse_help_r(our_crash["help -r"])
+    assert sorted(shown) == [v["index"] for v in guest.vcpus], our_crash["help -r"]
+    for vcpu in guest.vcpus:
+        cpu = shown[vcpu["index"]]
+        want = hmp_registers_by_name(vcpu)
+        assert cpu["regs"] == {**{n: want[n] for n in (*GP_NAMES, "cr0", "cr2", "cr3", "cr4")}, "cr1": 0}
+        for name in SEGMENT_NAMES:
+            seg, ref = cpu["segments"][name], vcpu["segments"][name]
+            assert (seg["selector"], seg["limit"], seg["base"], seg["pad"]) == (
+                ref["selector"], ref["limit"], ref["base"], 0), name
+            assert seg["flags"] & QEMU_FLAG_BITS == ref["qemu_flags"] & QEMU_FLAG_BITS, name
+        for name in ("gdtr", "idtr"):
+            seg, ref = cpu["segments"][name], vcpu[name]
+            assert (seg["limit"], seg["base"]) == (ref["limit"], ref["base"]), name
+
+
+def test_crash_prstatus_notes_match_qemu(our_crash: dict[str, str], guest: Capture) -> None:
+    """crash ``help -n``: every register of every NT_PRSTATUS note, in CPU order, pr_pid = cpu + 1."""
+    notes = readers.parse_prstatus_notes(our_crash["help -n"])
+    assert len(notes) == len(guest.vcpus), our_crash["help -n"]
+    for note, vcpu in zip(notes, guest.vcpus, strict=True):
+        want = hmp_registers_by_name(vcpu)
+        assert note["pid"] == vcpu["index"] + 1
+        names = (*GP_NAMES, "cs", "ss", "ds", "es", "fs", "gs", "fs_base", "gs_base")
+        assert {n: note["regs"][n] for n in names} == {n: want[n] for n in names}
+        assert note["regs"]["orig_rax"] == 0
+
+
+def test_drgn_registers_match_qemu(our_drgn: dict[str, Any], guest: Capture) -> None:
+    """drgn's innermost frame of each CPU's running task: every register it knows is QEMU's."""
+    for vcpu in guest.vcpus:
+        registers = our_drgn["cpus"][str(vcpu["index"])].get("registers", {})
+        assert {"rip", "rsp", "rbp", "rax"} <= set(registers), registers
+        want = hmp_registers_by_name(vcpu)
+        names = {"fs.base": "fs_base", "gs.base": "gs_base"}
+        assert registers == {name: want[names.get(name, name)] for name in registers}, vcpu["index"]
 
 
 # ---------------------------------------------------------------------------------------------- drgn

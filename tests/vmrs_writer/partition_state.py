@@ -10,14 +10,56 @@ from __future__ import annotations
 
 import struct
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
-from vm2core.reader.cpu import (
-    CONTROL_REGISTER_NAMES,
-    DEBUG_REGISTER_NAMES,
-    GP_REGISTER_NAMES,
-    SEGMENT_NAMES,
-    VpState,
-)
+
+class _Segment(Protocol):
+    @property
+    def base(self) -> int: ...
+    @property
+    def limit(self) -> int: ...
+    @property
+    def selector(self) -> int: ...
+    @property
+    def attributes(self) -> int: ...
+
+
+class _Table(Protocol):
+    @property
+    def base(self) -> int: ...
+    @property
+    def limit(self) -> int: ...
+
+
+class VpRegisters(Protocol):
+    """What the writer reads from a VP: registers by name (any object with these attributes will do).
+
+    The writer never asks the product for a register order: every slot below comes from the format
+    sources, so a reader that swaps two slots fails the tests instead of agreeing with its own writer.
+    """
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def vtl(self) -> int: ...
+    @property
+    def gp(self) -> Mapping[str, int]: ...
+    @property
+    def control(self) -> Mapping[str, int]: ...
+    @property
+    def debug(self) -> Mapping[str, int]: ...
+    @property
+    def segments(self) -> Mapping[str, _Segment]: ...
+    @property
+    def cpl(self) -> int: ...
+    @property
+    def idtr(self) -> _Table: ...
+    @property
+    def gdtr(self) -> _Table: ...
+    @property
+    def msrs(self) -> Mapping[str, int]: ...
+
 
 # [HVD] VidSavedStateDescriptor {descriptor_size, header_size, total_size}; chunks at header_size + 16.
 DESCRIPTOR = struct.Struct("<QQQ")
@@ -52,6 +94,62 @@ PROLOG_TAG = 0x50546475
 SEGMENT = struct.Struct("<QIHH")
 # [HVD] HvX64TableRegister {3 x u16 pad, u16 limit, u64 base}.
 TABLE_REGISTER = struct.Struct("<6xHQ")
+
+# Register slots of the x64 register chunks, in on-disk order (u64 each, right after the 16-byte chunk
+# header). Source for every slot: OpenVMM vm/hv1/hvdef/src/save_restore.rs (the canonical structures of
+# onecore/hv/hvx/inc/vm.h) [HVD]; vmrs-format.md section 3 lists the same orders.
+# VpX64SaveChunkGpRegisters: rax rcx rdx rbx rsp rbp rsi rdi r8..r15 rip rflags (Windows register
+# numbering, NOT Linux pt_regs order).
+GP_SLOTS: tuple[str, ...] = (
+    "rax",      # data +0x00
+    "rcx",      # +0x08
+    "rdx",      # +0x10
+    "rbx",      # +0x18
+    "rsp",      # +0x20
+    "rbp",      # +0x28
+    "rsi",      # +0x30
+    "rdi",      # +0x38
+    "r8",       # +0x40
+    "r9",       # +0x48
+    "r10",      # +0x50
+    "r11",      # +0x58
+    "r12",      # +0x60
+    "r13",      # +0x68
+    "r14",      # +0x70
+    "r15",      # +0x78
+    "rip",      # +0x80
+    "rflags",   # +0x88
+)
+# SynicX64SaveChunkControlRegisters (chunk VP_VTL_CONTROL_REGISTERS 0x30007000) [HVD].
+CONTROL_SLOTS: tuple[str, ...] = (
+    "cr0",      # +0x00
+    "cr2",      # +0x08 (there is no cr1)
+    "cr3",      # +0x10
+    "cr4",      # +0x18
+    "cr8",      # +0x20
+    "efer",     # +0x28
+)
+# VpX64SaveChunkDebugRegisters [HVD].
+DEBUG_SLOTS: tuple[str, ...] = (
+    "dr0",      # +0x00
+    "dr1",      # +0x08
+    "dr2",      # +0x10
+    "dr3",      # +0x18
+    "dr6",      # +0x20 (no dr4/dr5)
+    "dr7",      # +0x28
+)
+# VpX64SaveChunkSegmentRegisters: 8 x HvX64SegmentRegister (16 bytes each), then u8 cpl + 15 pad [HVD].
+SEGMENT_SLOTS: tuple[str, ...] = (
+    "es",       # +0x00
+    "cs",       # +0x10
+    "ss",       # +0x20
+    "ds",       # +0x30
+    "fs",       # +0x40
+    "gs",       # +0x50
+    "ldtr",     # +0x60
+    "tr",       # +0x70
+)
+# VpX64SaveChunkTableRegisters: idtr (+0x00), then gdtr (+0x10), each an HvX64TableRegister [HVD].
 
 # Virtual MSR chunk: 12 u64. [RE] (P. Beyer's reader) identifies slots 0 tsc, 1 kernel GS base,
 # 2 APIC base, 7 star, 8 lstar, 9 cstar, 10 sfmask; slots 3-6 and 11 are named after the
@@ -89,25 +187,26 @@ def _vp_indices(indices: list[int], style: str) -> bytes:
     return _chunk(VP_INDICES, struct.pack("<I", indices[0]) + bytes(bitmap) + pad)
 
 
-def _register_chunks(vp: VpState, extra_unknown: bool) -> bytes:
-    for bank, names in ((vp.gp, GP_REGISTER_NAMES), (vp.control, CONTROL_REGISTER_NAMES),
-                        (vp.debug, DEBUG_REGISTER_NAMES), (vp.msrs, VIRTUAL_MSR_NAMES),
-                        (vp.segments, SEGMENT_NAMES)):
+def _register_chunks(vp: VpRegisters, extra_unknown: bool) -> bytes:
+    for bank, names in ((vp.gp, GP_SLOTS), (vp.control, CONTROL_SLOTS),
+                        (vp.debug, DEBUG_SLOTS), (vp.msrs, VIRTUAL_MSR_NAMES),
+                        (vp.segments, SEGMENT_SLOTS)):
         unknown = set(bank) - set(names)
         if unknown:
             raise ValueError(f"VP {vp.index}: unknown register names {sorted(unknown)}")
     out = bytearray()
-    out += _chunk(GP_REGISTERS, _u64s([vp.gp.get(n, 0) for n in GP_REGISTER_NAMES]))
-    out += _chunk(CONTROL_REGISTERS, _u64s([vp.control.get(n, 0) for n in CONTROL_REGISTER_NAMES]))
-    segments = b"".join(SEGMENT.pack(s.base, s.limit, s.selector, s.attributes)
-                        for s in (vp.segment(n) for n in SEGMENT_NAMES))
+    out += _chunk(GP_REGISTERS, _u64s([vp.gp.get(n, 0) for n in GP_SLOTS]))
+    out += _chunk(CONTROL_REGISTERS, _u64s([vp.control.get(n, 0) for n in CONTROL_SLOTS]))
+    segments = b"".join(SEGMENT.pack(s.base, s.limit, s.selector, s.attributes) if s is not None
+                        else SEGMENT.pack(0, 0, 0, 0)
+                        for s in (vp.segments.get(n) for n in SEGMENT_SLOTS))
     out += _chunk(SEGMENT_REGISTERS, segments + struct.pack("<B15x", vp.cpl))
     out += _chunk(TABLE_REGISTERS, TABLE_REGISTER.pack(vp.idtr.limit, vp.idtr.base)
                   + TABLE_REGISTER.pack(vp.gdtr.limit, vp.gdtr.base))
     if extra_unknown:
         # An id no reader knows, with a length that is not a multiple of 16.
         out += _chunk(UNKNOWN_VP_CHUNK, bytes(range(40, 64)))
-    out += _chunk(DEBUG_REGISTERS, _u64s([vp.debug.get(n, 0) for n in DEBUG_REGISTER_NAMES]))
+    out += _chunk(DEBUG_REGISTERS, _u64s([vp.debug.get(n, 0) for n in DEBUG_SLOTS]))
     # [HVD] FP chunk: xmm0-15, st0-7, fp control/status, xmm control/status (16-byte slots).
     out += _chunk(FP_REGISTERS, bytes(16 * 26))
     # [HVD] XSAVE control: u64 xfem + 7 reserved, struct padded to 16 -> 16 data bytes.
@@ -117,7 +216,7 @@ def _register_chunks(vp: VpState, extra_unknown: bool) -> bytes:
     return bytes(out)
 
 
-def build_partition_state(vps: list[VpState], *, vendor: int = 1, os_id: int = 0,
+def build_partition_state(vps: Sequence[VpRegisters], *, vendor: int = 1, os_id: int = 0,
                           extra_unknown_chunks: bool = True, vp_indices_style: str = "canonical") -> bytes:
     """The blob for /savedstate/savedVM/partition_state.
 
@@ -127,7 +226,7 @@ def build_partition_state(vps: list[VpState], *, vendor: int = 1, os_id: int = 0
     """
     if not vps:
         raise ValueError("at least one VP is needed")
-    by_index: dict[int, list[VpState]] = defaultdict(list)
+    by_index: dict[int, list[VpRegisters]] = defaultdict(list)
     for vp in vps:
         by_index[vp.index].append(vp)
     indices = sorted(by_index)

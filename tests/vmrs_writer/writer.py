@@ -12,7 +12,7 @@ Every object starts on a 4096-byte boundary; file object data is zero-padded to 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -30,7 +30,7 @@ from tests.vmrs_writer.keystore import (
     uint_value,
 )
 from tests.vmrs_writer.options import RangeSpec, WriterOptions
-from tests.vmrs_writer.partition_state import build_partition_state
+from tests.vmrs_writer.partition_state import VpRegisters, build_partition_state
 from tests.vmrs_writer.ramblock import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK, ZERO_BLOCK, RamBlockEncoder
 from tests.vmrs_writer.ramdesc import pack_ram_memory_block
 from tests.vmrs_writer.structs import (
@@ -57,7 +57,6 @@ from tests.vmrs_writer.structs import (
     pack_file_header,
     pack_object_entry,
 )
-from vm2core.reader.cpu import VpState
 
 PARTITION_STATE_KEY = "/savedstate/savedVM/partition_state"
 # [FMT] Appendix A "Key Path Versioning": VMs <= 5.0 write these instead.
@@ -187,7 +186,7 @@ def _schema_keys(keys: KeyStore, placed: list[_PlacedRange], opts: WriterOptions
         _put_decoy_keys(keys)
 
 
-def write_vmrs(path: str | Path, ranges: list[RangeSpec], vps: list[VpState],
+def write_vmrs(path: str | Path, ranges: list[RangeSpec], vps: Sequence[VpRegisters],
                options: WriterOptions | None = None) -> None:
     """Write a .vmrs for the given RAM ranges and VP register sets; RAM is pulled block by block."""
     opts = options or WriterOptions()

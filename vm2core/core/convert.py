@@ -4,8 +4,9 @@ The VMCOREINFO note must sit in the notes, before guest memory, yet it is only f
 reading guest memory.  On a seekable sink the notes area is reserved, memory is streamed and
 scanned in the same pass (the scan runs on its own thread, over the bytes already on their way
 out: :mod:`vm2core.core.scanning`), and the note is patched in at the end: guest memory is read
-once.  On a pipe a cheaper first pass scans memory (stopping at the first note that validates)
-before the header is written.
+once.  On a pipe a cheaper first pass scans memory before the header is written; it chooses by
+the same rule over the same candidates, stopping early only when no note further on could win,
+so every output form carries the same note.
 
 Record-encoded blocks are decoded on a thread pool in order (:mod:`vm2core.core.pipeline`); raw
 blocks are copied by the kernel where it can (``copy_file_range``/``sendfile``); long zero runs
@@ -23,7 +24,7 @@ from vm2core.core.pipeline import BlockDecoder, BlockSlice, BufferPool, decode_i
 from vm2core.core.scanning import SCAN_QUEUE_DEPTH, BackgroundScan, InputWindows, feed_scanner, hint_sequential
 from vm2core.core.zeros import ZeroMap, zero_map
 from vm2core.errors import FormatError, UnsupportedError
-from vm2core.guest.vmcoreinfo import Selection, VmcoreinfoScanner, select_kernel
+from vm2core.guest.vmcoreinfo import KernelSelector, Selection, VmcoreinfoScanner
 from vm2core.reader.backend import SavedStateFace as SavedState  # any backend: native or DLL
 from vm2core.reader.memory import Data, FileSpan, MemoryRange, Zeros
 from vm2core.sinks.base import InputEnded, Sink
@@ -77,20 +78,30 @@ def _slices(state: SavedState, loads: list[LoadRange]) -> Iterator[BlockSlice]:
         yield from slices(state, r, gpa, length)
 
 
+@dataclass
+class KernelSearch:
+    """What the search of guest memory found, and how much of it was looked at."""
+
+    selection: Selection
+    scanned_bytes: int
+    dropped: int            # look-alike notes beyond the scanner's cap, never examined
+
+
 def find_kernel(state: SavedState, progress: Progress, *, stop_early: bool = True,
-                loads: list[LoadRange] | None = None, workers: int | None = None) -> tuple[Selection, int]:
+                loads: list[LoadRange] | None = None, workers: int | None = None) -> KernelSearch:
     """Scan guest memory (the file parts of ``loads``) for the VMCOREINFO note.
 
-    Returns the selection and the bytes scanned; with ``stop_early`` the scan ends at the first
-    candidate that validates.
+    The choice is the one a full scan would make (:class:`KernelSelector`); with ``stop_early``
+    the scan ends as soon as no note further on could change it.
     """
     loads = memory_loads(state) if loads is None else loads
     scanner = VmcoreinfoScanner()
+    selector = KernelSelector(state, state.vps)
     windows = InputWindows(state)
     pool = BufferPool(keep=4 * (workers or worker_count()) + 4)
     decoder = BlockDecoder(state, pool)
     scanned = 0
-    seen = 0
+    stop_at: int | None = None        # lowest GPA of a note no other can outrank
     progress.start("searching for VMCOREINFO", sum(ld.filesz for ld in loads))
     stream = decode_in_order(decoder, _slices(state, loads), workers=workers)
     try:
@@ -99,17 +110,26 @@ def find_kernel(state: SavedState, progress: Progress, *, stop_early: bool = Tru
             pool.put(decoded.buffer)
             scanned += decoded.slice.length
             progress.advance(decoded.slice.length)
-            if stop_early and len(scanner.candidates) > seen:
-                seen = len(scanner.candidates)
-                selection = select_kernel(scanner.candidates, state, state.vps)
-                if selection.kernel is not None:
-                    return selection, scanned
+            if not stop_early:
+                continue
+            for candidate in scanner.take_aligned_ready():
+                if (stop_at is None or candidate.gpa < stop_at) and selector.unbeatable(candidate):
+                    stop_at = candidate.gpa
+            # A note below it still waiting for its bytes could yet outrank it: wait for that one.
+            if stop_at is not None and not scanner.pending_below(stop_at):
+                break
     finally:
         stream.close()
         decoder.close()
         windows.close()
         progress.finish()
-    return select_kernel(scanner.candidates, state, state.vps), scanned
+    selection = selector.select(scanner.candidates, scanned_bytes=scanned, dropped=scanner.dropped)
+    return KernelSearch(selection, scanned, scanner.dropped)
+
+
+def dropped_warning(dropped: int) -> str:
+    return (f"guest RAM holds more VMCOREINFO-like notes than vm2core examines: {dropped} were skipped "
+            "(page-aligned ones are kept first, as the kernel's own note is page aligned)")
 
 
 class _CoalescedCopy:
@@ -222,17 +242,25 @@ def convert(state: SavedState, sink: Sink, *, progress: Progress | None = None,
     else:
         loads = memory_loads(state)
     prescan = 0
+    dropped = 0
     if sink.seekable or not find_vmcoreinfo:
         layout = plan_core(loads, vps, vmcoreinfo_note=None, reserve_vmcoreinfo=True)
         sink.write(layout.header())
         scanner = VmcoreinfoScanner() if find_vmcoreinfo else None
         _stream_memory(state, sink, layout, loads, progress, scanner, workers)
-        selection = select_kernel(scanner.candidates if scanner else [], state, vps)
+        if scanner is not None:
+            dropped = scanner.dropped
+            selection = KernelSelector(state, vps).select(scanner.candidates,
+                                                          scanned_bytes=sum(ld.filesz for ld in loads),
+                                                          dropped=dropped)
+        else:
+            selection = Selection(None, ["the VMCOREINFO search was skipped"])
         if selection.kernel is not None:
             sink.patch(0, layout.header(selection.kernel.note))
             layout = plan_core(loads, vps, vmcoreinfo_note=selection.kernel.note, reserve_vmcoreinfo=True)
     else:
-        selection, prescan = find_kernel(state, progress, loads=loads, workers=workers)
+        search = find_kernel(state, progress, loads=loads, workers=workers)
+        selection, prescan, dropped = search.selection, search.scanned_bytes, search.dropped
         note = selection.kernel.note if selection.kernel else None
         # Same room as on a seekable sink, so a pipe and a file get byte-identical cores.
         layout = plan_core(loads, vps, vmcoreinfo_note=note, reserve_vmcoreinfo=True)
@@ -241,6 +269,8 @@ def convert(state: SavedState, sink: Sink, *, progress: Progress | None = None,
     if sink.position != layout.total_size:
         raise AssertionError(f"wrote {sink.position} bytes, planned {layout.total_size}")
     warnings = []
+    if dropped:
+        warnings.append(dropped_warning(dropped))
     if selection.kernel is None:
         warnings.append("no valid VMCOREINFO note found in guest memory ("
                         + "; ".join(selection.reasons) + "): the core has CPU notes only; crash can "

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from itertools import pairwise
 
 from vm2core.core import elf
+from vm2core.guest.vmcoreinfo import DESC_OFFSET, MAX_DESC_SIZE
 from vm2core.reader.cpu import VpState
 from vm2core.reader.memory import PAGE_SIZE
 
 # Largest VMCOREINFO note the kernel can build: 12-byte header, "VMCOREINFO\0" padded to 12,
 # desc <= VMCOREINFO_BYTES (= PAGE_SIZE on x86_64)  (linux: include/linux/vmcore_info.h).
-VMCOREINFO_NOTE_MAX = elf.NHDR.size + 12 + PAGE_SIZE
+VMCOREINFO_NOTE_MAX = DESC_OFFSET + MAX_DESC_SIZE
 
 
 @dataclass(frozen=True)

@@ -21,18 +21,7 @@ from pathlib import Path
 from vm2core.core.layout import LoadRange
 from vm2core.reader.backend import SavedStateFace as SavedState  # any backend: native or DLL
 from vm2core.reader.memory import PAGE_SIZE, MemoryRange
-from vm2core.reader.ramblock import (
-    BLOCK_SIZE,
-    CHUNK,
-    FILL_RUN,
-    TAG_CHUNK,
-    TAG_END,
-    TAG_FILL_PAGE,
-    TAG_FILL_RUN,
-    U32,
-    U64,
-    BlockError,
-)
+from vm2core.reader.ramblock import iter_records
 from vm2core.reader.savedstate import RAM_BLOCK_KEY, BlockInfo
 
 # makedumpfile (elf-vmcore.md §4): a PT_LOAD's file part ends after >= 256 excluded pages.
@@ -43,67 +32,18 @@ def block_zero_runs(data: bytes | memoryview, *, name: str = "RamBlock", file_of
                     path: Path | str | None = None) -> list[tuple[int, int]]:
     """Byte runs ``(start, length)`` of a record-encoded block that pattern-0 fills make zero.
 
-    Walks the same records as :func:`vm2core.reader.ramblock.decode_records`, with the same
-    bounds checks, but skips every payload instead of decoding it.
+    The records come from :func:`vm2core.reader.ramblock.iter_records`, the same walker (and bounds
+    checks) the reference decoder uses; no payload is decoded.
     """
-    view = memoryview(data)
-    size = len(view)
-    pos = produced = 0
     runs: list[tuple[int, int]] = []
-
-    def fail(msg: str) -> BlockError:
-        off = None if file_offset is None else file_offset + pos
-        return BlockError(f"{msg} (decoded {produced:#x} of {BLOCK_SIZE:#x} bytes)", path=path, structure=name,
-                          offset=off)
-
-    def zero(length: int) -> None:
-        if runs and runs[-1][0] + runs[-1][1] == produced:
-            runs[-1] = (runs[-1][0], runs[-1][1] + length)
+    for _pos, out_pos, out_len, pattern, _start, _length in iter_records(data, name=name, file_offset=file_offset,
+                                                                          path=path):
+        if pattern != 0:                   # a page, a chunk, or a non-zero fill
+            continue
+        if runs and runs[-1][0] + runs[-1][1] == out_pos:
+            runs[-1] = (runs[-1][0], runs[-1][1] + out_len)
         else:
-            runs.append((produced, length))
-
-    while produced < BLOCK_SIZE:
-        if pos + 4 > size:
-            raise fail("record truncated")
-        (tag,) = U32.unpack_from(view, pos)
-        if tag == TAG_FILL_PAGE:
-            if pos + 12 > size:
-                raise fail("record truncated")
-            if produced + PAGE_SIZE > BLOCK_SIZE:
-                raise fail(f"records decode to more than {BLOCK_SIZE} bytes")
-            if U64.unpack_from(view, pos + 4)[0] == 0:
-                zero(PAGE_SIZE)
-            produced += PAGE_SIZE
-            pos += 12
-        elif tag == TAG_FILL_RUN:
-            if pos + 4 + FILL_RUN.size > size:
-                raise fail("record truncated")
-            pattern, count = FILL_RUN.unpack_from(view, pos + 4)
-            if count == 0 or produced + count * PAGE_SIZE > BLOCK_SIZE:
-                raise fail(f"fill record of {count} pages does not fit the block")
-            if pattern == 0:
-                zero(count * PAGE_SIZE)
-            produced += count * PAGE_SIZE
-            pos += 4 + FILL_RUN.size
-        elif tag == TAG_CHUNK:
-            if pos + 4 + CHUNK.size > size:
-                raise fail("record truncated")
-            out_size, stored = CHUNK.unpack_from(view, pos + 4)
-            if out_size == 0 or produced + out_size > BLOCK_SIZE or stored > out_size:
-                raise fail(f"chunk record of {out_size} bytes ({stored} stored) does not fit the block")
-            pos += 4 + CHUNK.size + stored
-            if pos > size:
-                raise fail("record truncated")
-            produced += out_size
-        elif tag == TAG_END:
-            raise fail("end-of-block record before 1 MiB was decoded")
-        elif 0 < tag <= PAGE_SIZE:
-            pos += 4 + tag
-            if pos > size:
-                raise fail("record truncated")
-            produced += PAGE_SIZE
-        else:
-            raise fail(f"unknown record tag {tag:#010x}")
+            runs.append((out_pos, out_len))
     return runs
 
 

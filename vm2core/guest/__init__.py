@@ -4,16 +4,16 @@ phys_base, and the virtual->physical translation needed to check them."""
 from .paging import AddressSpace, Translation, TranslationError
 from .vmcoreinfo import (
     GuestKernel,
+    KernelSelector,
     NoteCandidate,
     Selection,
     VmcoreinfoScanner,
     parse_vmcoreinfo,
     scan,
-    scan_memory,
     select_kernel,
 )
 
 __all__ = [
-    "AddressSpace", "GuestKernel", "NoteCandidate", "Selection", "Translation", "TranslationError",
-    "VmcoreinfoScanner", "parse_vmcoreinfo", "scan", "scan_memory", "select_kernel",
+    "AddressSpace", "GuestKernel", "KernelSelector", "NoteCandidate", "Selection", "Translation", "TranslationError",
+    "VmcoreinfoScanner", "parse_vmcoreinfo", "scan", "select_kernel",
 ]

@@ -31,7 +31,6 @@ ENTRY_PAGE_SIZE = 1 << 7
 ENTRY_SIZE = 8
 INDEX_BITS = 9                                 # 512 entries per table
 PAGE_SHIFT = 12
-MAX_VIRTUAL_READ = 64 << 20                    # bound for read_virtual (callers read structs, not RAM)
 _ENTRY = struct.Struct("<Q")                   # one little-endian 64-bit paging-structure entry
 
 # Level number -> name, counting the leaf (PTE) table as level 1.
@@ -112,28 +111,6 @@ class AddressSpace:
     def translate(self, va: int) -> int:
         """Guest-physical address of ``va``; raises :class:`TranslationError`."""
         return self.walk(va).pa
-
-    def try_translate(self, va: int) -> int | None:
-        """Guest-physical address of ``va``, or None when it is not mapped."""
-        try:
-            return self.walk(va).pa
-        except TranslationError:
-            return None
-
-    def read_virtual(self, va: int, length: int) -> bytes:
-        """``length`` bytes at ``va``, page by page; raises :class:`TranslationError` on a hole.
-
-        Raises :class:`NotInMemory` when a mapped frame lies outside guest RAM.
-        """
-        if not 0 <= length <= MAX_VIRTUAL_READ:
-            raise ValueError(f"virtual read of {length} bytes (limit {MAX_VIRTUAL_READ})")
-        parts = []
-        while length:
-            walk = self.walk(va)
-            count = min(length, walk.page_size - (walk.pa & (walk.page_size - 1)))
-            parts.append(self.memory.read_physical(walk.pa, count))
-            va, length = va + count, length - count
-        return b"".join(parts)
 
     def _read_entry(self, va: int, level: int, entry_pa: int) -> int:
         try:

@@ -10,18 +10,19 @@ debugger.  Facts and the selection rule: ``docs/elf-vmcore.md`` sections 2.5, 3 
 from __future__ import annotations
 
 import re
-import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from mmap import mmap
 
+from ..core.elf import NHDR as NOTE_HEADER
+from ..core.elf import pad4
 from ..reader.cpu import VpState
-from ..reader.memory import PAGE_SIZE, MemoryRange, NotInMemory, PhysicalMemory
+from ..reader.memory import PAGE_SIZE, NotInMemory, PhysicalMemory
 from ._memmem import find
 from .paging import AddressSpace, TranslationError
 
 # --- The note as the kernel builds it (linux kernel/vmcore_info.c: update_vmcoreinfo_note) ------------------
-NOTE_HEADER = struct.Struct("<III")        # n_namesz, n_descsz, n_type (u32 also in ELF64 notes)
+# NOTE_HEADER (n_namesz, n_descsz, n_type: u32 also in ELF64 notes) and pad4 come from core/elf.py.
 NOTE_NAME = b"VMCOREINFO\0"                # n_namesz = 11 ...
 NAME_FIELD = b"VMCOREINFO\0\0"             # ... padded to 4 bytes
 # What the scan looks for first: CPython's find is several times slower over zero-filled memory
@@ -34,7 +35,6 @@ MIN_DESC_SIZE = len(DESC_PREFIX)
 MAX_DESC_SIZE = 4096                       # VMCOREINFO_BYTES = PAGE_SIZE on x86-64
 NOTE_ALIGNMENT = 4                         # notes are u32 arrays; the live one is even page aligned
 SIGNATURE_LENGTH = DESC_OFFSET + len(DESC_PREFIX)  # bytes needed to recognise a note (34)
-SCAN_BLOCK_SIZE = 1 << 20                  # a RamBlock: the unit readers stream memory in
 MAX_CANDIDATES = 1024                      # bound on memory kept for hostile RAM full of signatures
 
 # --- x86-64 kernel facts --------------------------------------------------------------------------------
@@ -54,10 +54,6 @@ Searchable = bytes | bytearray | mmap
 _HEX = re.compile(r"[0-9a-fA-F]{1,16}")
 _SIGNED_DECIMAL = re.compile(r"-?[0-9]{1,20}")
 _DECIMAL = re.compile(r"[0-9]{1,20}")
-
-
-def _round_up4(value: int) -> int:
-    return (value + 3) & ~3
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -110,11 +106,22 @@ class VmcoreinfoScanner:
     def __init__(self, max_candidates: int = MAX_CANDIDATES) -> None:
         self.candidates: list[NoteCandidate] = []
         self.bytes_scanned = 0
-        self.dropped = 0                       # candidates beyond max_candidates
+        self.dropped = 0                       # candidates beyond max_candidates (never examined)
         self._max_candidates = max_candidates
+        self._unaligned_kept = 0
         self._carry = b""
         self._next_gpa: int | None = None
         self._pending: list[NoteCandidate] = []  # candidates whose bytes continue in the next chunk
+        self._aligned_ready: list[NoteCandidate] = []  # page-aligned candidates completed since last taken
+
+    def take_aligned_ready(self) -> list[NoteCandidate]:
+        """Page-aligned candidates whose bytes became complete since the last call (for early stopping)."""
+        ready, self._aligned_ready = self._aligned_ready, []
+        return ready
+
+    def pending_below(self, gpa: int) -> bool:
+        """Whether a candidate below ``gpa`` still waits for its bytes (it could still outrank one at ``gpa``)."""
+        return any(c.gpa < gpa for c in self._pending)
 
     def feed(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         buf = data if isinstance(data, (bytes, bytearray)) else bytes(data)
@@ -144,6 +151,8 @@ class VmcoreinfoScanner:
             candidate.data += bytes(buf[start:min(end, start + need)])
             if not candidate.complete:
                 still_pending.append(candidate)
+            elif candidate.gpa % PAGE_SIZE == 0:
+                self._aligned_ready.append(candidate)
         self._pending = still_pending
 
     def _scan_boundary(self, gpa: int, buf: Searchable, start: int, end: int) -> None:
@@ -179,30 +188,40 @@ class VmcoreinfoScanner:
             pos = find(buf, SEARCH_KEY, pos + 1, end)
 
     def _add(self, gpa: int, descsz: int, data: bytes) -> None:
+        aligned = gpa % PAGE_SIZE == 0
         if len(self.candidates) >= self._max_candidates:
+            # Past the cap, page-aligned candidates (the kernel allocates its note with
+            # alloc_pages_exact) push out unaligned ones, so look-alikes cannot hide the live note.
             self.dropped += 1
-            return
+            if not aligned or not self._unaligned_kept:
+                return
+            self._evict_unaligned()
         candidate = NoteCandidate(gpa, descsz, data)
         self.candidates.append(candidate)
+        if not aligned:
+            self._unaligned_kept += 1
         if not candidate.complete:
             self._pending.append(candidate)
+        elif aligned:
+            self._aligned_ready.append(candidate)
+
+    def _evict_unaligned(self) -> None:
+        """Drop the most recently found unaligned candidate (at most max_candidates evictions in all)."""
+        for i in range(len(self.candidates) - 1, -1, -1):
+            victim = self.candidates[i]
+            if victim.gpa % PAGE_SIZE:
+                del self.candidates[i]
+                self._unaligned_kept -= 1
+                if victim in self._pending:
+                    self._pending.remove(victim)
+                return
 
 
 def scan(chunks: Iterable[tuple[int, bytes | bytearray | memoryview]]) -> VmcoreinfoScanner:
-    """Run a scanner over ``(gpa, data)`` chunks (convenience for pre-passes and tests)."""
+    """Run a scanner over ``(gpa, data)`` chunks (a convenience for tests and tools)."""
     scanner = VmcoreinfoScanner()
     for gpa, data in chunks:
         scanner.feed(gpa, data)
-    return scanner
-
-
-def scan_memory(memory: PhysicalMemory, ranges: Iterable[MemoryRange],
-                block_size: int = SCAN_BLOCK_SIZE) -> VmcoreinfoScanner:
-    """Pre-pass over RAM through random access: read every range in ``block_size`` pieces."""
-    scanner = VmcoreinfoScanner()
-    for ram in ranges:
-        for gpa in range(ram.gpa_start, ram.gpa_end, block_size):
-            scanner.feed(gpa, memory.read_physical(gpa, min(block_size, ram.gpa_end - gpa)))
     return scanner
 
 
@@ -288,46 +307,90 @@ class _Verdict:
     checks_passed: int
 
 
+MAX_CHECKS = 2    # (a) the kernel image mapping, (b) init_uts_ns holds OSRELEASE: see _evaluate
+
+
+class KernelSelector:
+    """One selection rule for every output form (elf-vmcore.md section 5).
+
+    Ranking: most checks passed, then page aligned, then lowest GPA.  Each distinct note is
+    evaluated once and its verdict kept, so a pipe pre-scan can ask after every block whether it
+    may stop (:meth:`unbeatable`) and still choose exactly as one selection over all candidates
+    at the end would: it stops only at a page-aligned note that passed every check, which no
+    note found later (higher GPA) can outrank.
+    """
+
+    def __init__(self, memory: PhysicalMemory, vps: Sequence[VpState]) -> None:
+        self._memory = memory
+        self._spaces = _address_spaces(memory, vps)
+        self._verdicts: dict[bytes, _Verdict | str] = {}    # note bytes -> verdict or refusal reason
+        self.evaluations = 0
+
+    def _verdict(self, note: bytes) -> _Verdict | str:
+        verdict = self._verdicts.get(note)
+        if verdict is None:
+            self.evaluations += 1
+            try:
+                verdict = _evaluate(0, note, 1, self._memory, self._spaces)
+            except _Rejected as rejection:
+                verdict = str(rejection)
+            self._verdicts[note] = verdict
+        return verdict
+
+    def unbeatable(self, candidate: NoteCandidate) -> bool:
+        """A complete, page-aligned candidate that passed every check: nothing above it can win."""
+        if not candidate.complete or candidate.gpa % PAGE_SIZE:
+            return False
+        verdict = self._verdict(bytes(candidate.data[:candidate.size]))
+        return isinstance(verdict, _Verdict) and verdict.checks_passed == MAX_CHECKS
+
+    def select(self, candidates: Sequence[NoteCandidate], *, scanned_bytes: int | None = None,
+               dropped: int = 0) -> Selection:
+        """Pick the note of the live kernel among ``candidates``.
+
+        A candidate is refused when it lacks required keys, contains CRASHTIME, or contradicts the
+        snapshot: its ``SYMBOL(_stext)`` must translate through some vCPU's page tables to
+        ``_stext - __START_KERNEL_map + phys_base``, and ``init_uts_ns`` must hold its OSRELEASE.
+        ``scanned_bytes`` and ``dropped`` (from the scanner) enrich the reasons.
+        """
+        reasons: list[str] = []
+        if dropped:
+            reasons.append(f"{dropped} further VMCOREINFO-like notes were not examined "
+                           f"(more than {len(candidates)} in guest RAM)")
+        if not candidates:
+            where = f"{scanned_bytes} bytes of " if scanned_bytes is not None else ""
+            return Selection(None, [f"no VMCOREINFO note found in {where}guest RAM", *reasons])
+        verdicts: list[_Verdict] = []
+        for gpa, note, copies in _unique_notes(candidates, self._memory, reasons):
+            verdict = self._verdict(note)
+            if isinstance(verdict, _Verdict):
+                kernel = replace(verdict.kernel, note_gpa=gpa, copies=copies)
+                verdicts.append(_Verdict(kernel, verdict.checks_passed))
+                continue
+            label = f"VMCOREINFO note at {gpa:#x}"
+            if copies > 1:
+                label += f" (and {copies - 1} identical copies)"
+            reasons.append(f"{label}: {verdict}")
+        if not verdicts:
+            return Selection(None, reasons)
+        best = max(v.checks_passed for v in verdicts)
+        winners = [v for v in verdicts if v.checks_passed == best]
+        chosen = min(winners, key=lambda v: _placement_rank(v.kernel.note_gpa))
+        for other in winners:
+            if other is not chosen:
+                reasons.append(f"VMCOREINFO note at {other.kernel.note_gpa:#x} also passed validation; "
+                               f"kept the one at {chosen.kernel.note_gpa:#x}")
+        for other in verdicts:
+            if other.checks_passed < best:
+                reasons.append(f"VMCOREINFO note at {other.kernel.note_gpa:#x}: passed fewer checks "
+                               f"({other.checks_passed}) than the one at {chosen.kernel.note_gpa:#x} ({best})")
+        return Selection(chosen.kernel, reasons)
+
+
 def select_kernel(candidates: Sequence[NoteCandidate], memory: PhysicalMemory, vps: Sequence[VpState],
                   *, scanned_bytes: int | None = None, dropped: int = 0) -> Selection:
-    """Pick the note of the live kernel among ``candidates`` (elf-vmcore.md section 5).
-
-    A candidate is refused when it lacks required keys, contains CRASHTIME, or contradicts the
-    snapshot: its ``SYMBOL(_stext)`` must translate through some vCPU's page tables to
-    ``_stext - __START_KERNEL_map + phys_base``, and ``init_uts_ns`` must hold its OSRELEASE.
-    ``scanned_bytes`` and ``dropped`` (from the scanner) only enrich the reasons.
-    """
-    if not candidates:
-        where = f"{scanned_bytes} bytes of " if scanned_bytes is not None else ""
-        return Selection(None, [f"no VMCOREINFO note found in {where}guest RAM"])
-    reasons: list[str] = []
-    if dropped:
-        reasons.append(f"{dropped} further VMCOREINFO-like notes were not examined "
-                       f"(more than {len(candidates)} in guest RAM)")
-    spaces = _address_spaces(memory, vps)
-    verdicts: list[_Verdict] = []
-    for gpa, note, copies in _unique_notes(candidates, memory, reasons):
-        label = f"VMCOREINFO note at {gpa:#x}"
-        if copies > 1:
-            label += f" (and {copies - 1} identical copies)"
-        try:
-            verdicts.append(_evaluate(gpa, note, copies, memory, spaces))
-        except _Rejected as rejection:
-            reasons.append(f"{label}: {rejection}")
-    if not verdicts:
-        return Selection(None, reasons)
-    best = max(v.checks_passed for v in verdicts)
-    winners = [v for v in verdicts if v.checks_passed == best]
-    chosen = min(winners, key=lambda v: _placement_rank(v.kernel.note_gpa))
-    for other in winners:
-        if other is not chosen:
-            reasons.append(f"VMCOREINFO note at {other.kernel.note_gpa:#x} also passed validation; "
-                           f"kept the one at {chosen.kernel.note_gpa:#x}")
-    for other in verdicts:
-        if other.checks_passed < best:
-            reasons.append(f"VMCOREINFO note at {other.kernel.note_gpa:#x}: passed fewer checks "
-                           f"({other.checks_passed}) than the one at {chosen.kernel.note_gpa:#x} ({best})")
-    return Selection(chosen.kernel, reasons)
+    """:meth:`KernelSelector.select` in one call."""
+    return KernelSelector(memory, vps).select(candidates, scanned_bytes=scanned_bytes, dropped=dropped)
 
 
 def _placement_rank(gpa: int) -> tuple[bool, int]:
@@ -424,7 +487,7 @@ def _evaluate(gpa: int, data: bytes, copies: int, memory: PhysicalMemory,
         _check_release(osrelease, init_uts_ns - KERNEL_MAP_BASE + phys_base, offsets, memory)
         checks += 1
 
-    note = data[:DESC_OFFSET + descsz] + bytes(_round_up4(descsz) - descsz)
+    note = data[:DESC_OFFSET + descsz] + bytes(pad4(descsz) - descsz)
     kernel = GuestKernel(osrelease=osrelease, kernel_offset=kernel_offset, phys_base=phys_base,
                          pagesize=pagesize, note_gpa=gpa, note=note, vmcoreinfo=info,
                          caveats=tuple(caveats), copies=copies)

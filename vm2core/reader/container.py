@@ -36,7 +36,7 @@ HEADER = struct.Struct("<IIHIIIIQQI")  # 46 bytes
 HEADER_SIGNATURE = 0x01282014
 HEADER_CRC_OFFSET = 4
 FORMAT_VERSIONS = {0x0100, 0x0101, 0x0200, 0x0300, 0x0301, 0x0400}
-MAX_DATA_ALIGNMENT = 65536
+# The data-alignment field (<= 65536) is not checked: object offsets are bounds-checked instead.
 
 # [FMT] "Object Tables": root at 8192; header {u32 signature, u32 count}; 18-byte entries.
 ROOT_OBJECT_TABLE_OFFSET = 8192
@@ -45,7 +45,8 @@ OBJECT_TABLE_SIGNATURE = 0x01110001
 OBJECT_ENTRY = struct.Struct("<BIQIB")  # type, crc, file_offset, size, flags
 OBJ_EMPTY, OBJ_TABLE, OBJ_KEY_TABLE, OBJ_FILE, OBJ_FREE = 0, 1, 2, 3, 4
 # [DIS] types seen in the wild beyond 0-4: 5 unknown, 6 replay log, 7 change tracking buffer.
-OBJ_FLAG_REQUIRED = 0x01
+# Entry flag bit 0 ("required") is ignored: OpenVMM sets it on key tables only, dissect skips
+# entries without it; a reader must accept both styles (vmrs-format.md §1).
 MAX_OBJECT_TABLE_ENTRIES = 1 << 20    # sanity bound on one table's entry count
 MAX_OBJECT_TABLES = 1 << 16           # bound on the chain length
 

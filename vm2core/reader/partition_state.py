@@ -32,7 +32,6 @@ CHUNK_HEADER = struct.Struct("<II8x")
 PROLOG = 0x00000000
 EPILOG = 0xF0000000
 OS_ID = 0x20001000
-PARTITION_VTL = 0x20008000
 VP_INDICES = 0x30000000
 VP = 0x30001000
 VP_GP_REGISTERS = 0x30005000
@@ -68,7 +67,6 @@ class PartitionState:
     vendor: int | None = None
     os_id: int | None = None
     bsp: int | None = None
-    present_vps: list[int] = field(default_factory=list)
     states: list[VpState] = field(default_factory=list)   # every (VP, VTL) register set found
     unknown_chunks: dict[int, int] = field(default_factory=dict)
 
@@ -150,10 +148,8 @@ def parse_partition_state(blob: bytes, *, path: Path | str | None = None, base_o
             state.os_id = struct.unpack_from("<Q", data)[0]
         elif chunk_id == VP_INDICES:
             need(4, "VP_INDICES")
-            state.bsp = struct.unpack_from("<I", data)[0]
-            bitmap = bytes(data[4:])
-            state.present_vps = [i for i in range(min(len(bitmap) * 8, MAX_VPS))
-                                 if bitmap[i // 8] >> (i % 8) & 1]
+            state.bsp = struct.unpack_from("<I", data)[0]   # (the present-VP bitmap that follows is not
+                                                            # needed: the VP marker chunks say it all)
         elif chunk_id == VP:
             need(4, "VP")
             current_vp = struct.unpack_from("<I", data)[0]

@@ -287,11 +287,6 @@ class SavedState:
         return decode_records(data, name=self.ram_block_key.format(info.number), file_offset=info.entry.data_offset,
                               path=self.path)
 
-    def iter_range(self, r: MemoryRange) -> Iterator[Piece]:
-        """Every byte of a range as pieces, in GPA order (single-threaded reference path)."""
-        for info, start, length in self.blocks_of(r):
-            yield from slice_pieces(self.decode_block(info), start, length)
-
     # --- random access (guest analysis) -----------------------------------------------------
 
     def _cached_block(self, number: int) -> list[Piece]:

@@ -22,7 +22,6 @@ from vm2core.errors import OutputError
 from vm2core.portable import os_call
 from vm2core.sinks.base import InputEnded, Sink
 
-COPY_CHUNK = 8 << 20
 HOLE_MIN = 64 << 10          # shorter zero runs are written, not skipped
 ZERO_SPLICE_MIN = 64 << 10   # shorter zero runs are written, not spliced
 
