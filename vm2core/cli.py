@@ -5,6 +5,7 @@ Exit codes (also in README and ``--help``):
   1  the core could not be written (output exists, terminal, disk full, broken pipe, network)
   2  bad or unsupported input, or bad usage
   3  internal error (a bug: please report it; VM2CORE_DEBUG=1 shows the traceback)
+  4  with --salvage: the core (or info) was written, but parts of the input could not be read
   130 interrupted (Ctrl-C)
 """
 
@@ -22,6 +23,7 @@ from vm2core import __version__
 from vm2core.core.convert import Progress, convert
 from vm2core.errors import OutputError, Vm2coreError
 from vm2core.progress import LogProgress, TerminalProgress, human_bytes
+from vm2core.reader.salvage import EXIT_WITH_LOSSES, SalvageReport
 from vm2core.reader.savedstate import SavedState
 from vm2core.sinks.base import Sink
 from vm2core.sinks.file import StdoutSink, open_output, remove_pending_outputs
@@ -30,9 +32,16 @@ from vm2core.sinks.zstd import DEFAULT_LEVEL, ZSTD_SUFFIXES, ZstdSink
 
 EXIT_OK, EXIT_OUTPUT, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
+
+class LossesError(Vm2coreError):
+    """--salvage wrote its result, but parts of the input were unreadable (listed above it)."""
+
+    exit_code = EXIT_WITH_LOSSES
+
 EPILOG = """\b
 Exit codes: 0 success; 1 the core could not be written; 2 bad or unsupported input or usage;
-3 internal error (VM2CORE_DEBUG=1 shows a traceback); 130 interrupted.
+3 internal error (VM2CORE_DEBUG=1 shows a traceback); 4 core written with losses (--salvage);
+130 interrupted.
 \b
 Examples:
   vm2core GUEST.vmrs GUEST.core
@@ -129,9 +138,15 @@ def main() -> None:
               help="With --ssh: compare a SHA-256 of the streamed bytes with the uploaded file's.")
 @click.option("--sha256", "want_sha256", is_flag=True,
               help="Print the SHA-256 of the bytes written (and write OUTPUT.sha256 for a file).")
+@click.option("--salvage", is_flag=True,
+              help="Read whatever can be read: unreadable RAM blocks become zeros, vCPUs with unreadable "
+                   "registers are left out; each loss is listed on stderr and the exit code is 4.")
+@click.option("--salvage-report", "salvage_report", type=click.Path(path_type=Path), metavar="FILE",
+              help="With --salvage: also write the list of losses as JSON to FILE.")
 def convert_cmd(input_path: Path, output: str | None, force: bool, quiet: bool, progress: bool | None,
                 exclude_zero: bool, zstd_level: int | None, ssh_target: str | None, ssh_options: tuple[str, ...],
-                ssh_accept_new: bool, verify: bool, want_sha256: bool) -> None:
+                ssh_accept_new: bool, verify: bool, want_sha256: bool, salvage: bool,
+                salvage_report: Path | None) -> None:
     """Convert INPUT (.vmrs) into an ELF core at OUTPUT ("-" for standard output) or on a remote host.
 
     A local core is written to a temporary file beside OUTPUT and renamed when complete; an
@@ -146,9 +161,10 @@ def convert_cmd(input_path: Path, output: str | None, force: bool, quiet: bool, 
         raise click.UsageError("--verify checks an upload: use it with --ssh (for a local file use --sha256)")
     if output is not None and zstd_level is None and output != "-" and output.lower().endswith(ZSTD_SUFFIXES):
         zstd_level = DEFAULT_LEVEL
+    _check_salvage_options(salvage, salvage_report)
     _run(_convert, input_path, output, force=force, quiet=quiet, progress=progress, exclude_zero=exclude_zero,
          zstd_level=zstd_level, ssh_target=ssh_target, ssh_options=ssh_options, accept_new=ssh_accept_new,
-         verify=verify, want_sha256=want_sha256)
+         verify=verify, want_sha256=want_sha256, salvage=salvage, salvage_report=salvage_report)
 
 
 def _open_sink(output: str | None, force: bool, input_path: Path, ssh_target: str | None,
@@ -176,9 +192,11 @@ def _open_sink(output: str | None, force: bool, input_path: Path, ssh_target: st
 
 def _convert(input_path: Path, output: str | None, *, force: bool, quiet: bool, progress: bool | None,
              exclude_zero: bool, zstd_level: int | None, ssh_target: str | None, ssh_options: tuple[str, ...],
-             accept_new: bool, verify: bool, want_sha256: bool) -> None:
+             accept_new: bool, verify: bool, want_sha256: bool, salvage: bool = False,
+             salvage_report: Path | None = None) -> None:
     rep = _Reporter(quiet, progress)
-    with SavedState.open(input_path) as state:
+    _refuse_existing_report(salvage_report, force)
+    with SavedState.open(input_path, salvage=salvage) as state:
         if state.dirty:
             rep.warn(f"{input_path}: the replay log holds uncommitted changes; memory may be incomplete")
         base = _open_sink(output, force, input_path, ssh_target, ssh_options, accept_new, verify)
@@ -211,6 +229,8 @@ def _convert(input_path: Path, output: str | None, *, force: bool, quiet: bool, 
         rep.say(note)
     if ssh_target is not None:
         rep.say(base.remote_hint(compressed=zstd_level is not None))  # type: ignore[attr-defined]
+    if salvage:
+        _finish_salvage(state.salvage_report(), salvage_report, "core written")
 
 
 def _write_digest_file(core: Path, digest: str) -> None:
@@ -227,21 +247,36 @@ def _write_digest_file(core: Path, digest: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--no-scan", is_flag=True, help="Do not search guest memory for the kernel (fast).")
 @click.option("--progress/--no-progress", default=None, help="Show progress on stderr.")
-def info(input_path: Path, as_json: bool, no_scan: bool, progress: bool | None) -> None:
+@click.option("--salvage", is_flag=True,
+              help="Describe what can be read; list what cannot (stderr, exit code 4).")
+@click.option("--salvage-report", "salvage_report", type=click.Path(path_type=Path), metavar="FILE",
+              help="With --salvage: also write the list of losses as JSON to FILE.")
+@click.option("-f", "--force", is_flag=True, help="Replace an existing --salvage-report FILE.")
+def info(input_path: Path, as_json: bool, no_scan: bool, progress: bool | None, salvage: bool,
+         salvage_report: Path | None, force: bool) -> None:
     """Describe a saved state: VM, CPUs, memory ranges and the guest kernel found in memory."""
-    _run(_info, input_path, as_json, not no_scan, progress)
+    _check_salvage_options(salvage, salvage_report)
+    _run(_info, input_path, as_json, not no_scan, progress, salvage=salvage, salvage_report=salvage_report,
+         force=force)
 
 
-def _info(input_path: Path, as_json: bool, scan: bool, progress: bool | None) -> None:
+def _info(input_path: Path, as_json: bool, scan: bool, progress: bool | None, *, salvage: bool = False,
+          salvage_report: Path | None = None, force: bool = False) -> None:
     from vm2core.info import describe
 
     rep = _Reporter(False, progress)
-    with SavedState.open(input_path) as state:
+    _refuse_existing_report(salvage_report, force)
+    with SavedState.open(input_path, salvage=salvage) as state:
         report = describe(state, rep.progress, scan=scan)
+        losses = state.salvage_report() if salvage else None
+    if losses is not None:
+        report["salvage"] = losses.as_json()
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(render_info(report))
+    if losses is not None:
+        _finish_salvage(losses, salvage_report, "description printed")
 
 
 def render_info(r: dict[str, Any]) -> str:
@@ -288,6 +323,41 @@ def render_info(r: dict[str, Any]) -> str:
             lines.append("guest kernel:      not found")
         lines += [f"  {reason}" for reason in r.get("guest_kernel_reasons", []) if not k]
     return "\n".join(lines)
+
+
+def _check_salvage_options(salvage: bool, report: Path | None) -> None:
+    if report is not None and not salvage:
+        raise click.UsageError("--salvage-report lists what --salvage could not read: use it with --salvage")
+
+
+def _refuse_existing_report(report: Path | None, force: bool) -> None:
+    """Checked before any work, so a long conversion does not end on an existing report file."""
+    if report is not None and not force and report.exists():
+        raise OutputError(f"{report}: already exists (use -f to replace it)")
+
+
+MAX_LOSS_LINES_WITH_REPORT = 20
+
+
+def _finish_salvage(report: SalvageReport, report_file: Path | None, what: str) -> None:
+    """Print every loss on stderr (even with -q: losses are never only in a log), write the JSON,
+    and end with exit code 4 when anything is missing."""
+    lines = report.lines()
+    if report_file is not None and len(lines) > MAX_LOSS_LINES_WITH_REPORT:
+        more = len(lines) - MAX_LOSS_LINES_WITH_REPORT
+        lines = lines[:MAX_LOSS_LINES_WITH_REPORT] + [f"... and {more} more, all listed in {report_file}"]
+    for line in lines:
+        _err(line)
+    if report_file is not None:
+        try:
+            report_file.write_text(json.dumps(report.as_json(), indent=2) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise OutputError(f"{report_file}: cannot write the salvage report: {e.strerror or e}") from None
+    if not report.complete:
+        raise LossesError(f"{what} with losses: {human_bytes(report.lost_bytes)} of guest RAM in "
+                          f"{len(report.ranges)} range(s) unreadable (zeros in the core), "
+                          f"{len(report.vps)} vCPU(s) without registers"
+                          + (f"; report in {report_file}" if report_file is not None else ""))
 
 
 @main.command()

@@ -171,8 +171,15 @@ def _block_runs(state: SavedState, info: BlockInfo, start: int, length: int) -> 
     if info.encoding == "raw":
         return
     data = state.read_block_bytes(info)
-    for run_start, run_len in block_zero_runs(data, name=RAM_BLOCK_KEY.format(info.number), path=state.path,
-                                              file_offset=info.entry.data_offset):
+    try:
+        runs = block_zero_runs(data, name=RAM_BLOCK_KEY.format(info.number), path=state.path,
+                               file_offset=info.entry.data_offset)
+    except BlockError as e:
+        if not state.salvage:
+            raise
+        state.lose_block(info.number, e)      # kept in the file: the stream writes its zeros
+        return
+    for run_start, run_len in runs:
         lo, hi = _page_inward(max(run_start, start), min(run_start + run_len, start + length))
         if hi > lo:
             yield lo, hi
