@@ -12,6 +12,7 @@ import contextlib
 import functools
 import getpass
 import hashlib
+import logging
 import shlex
 import socket
 import stat
@@ -32,6 +33,11 @@ from vm2core.sinks.sshtarget import (
     parse_target,
     resolve,
 )
+
+# paramiko logs transport failures ("Socket exception: Connection reset by peer") from its own
+# thread; with no handler anywhere, Python's last-resort handler would print them on stderr next to
+# the one line the CLI prints for the same failure.  The sink reports every failure as OutputError.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 #: Returns the answer to a prompt, or None when nobody can be asked (stdin not a terminal).
 PasswordPrompt = Callable[[str], "str | None"]
