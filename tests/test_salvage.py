@@ -283,22 +283,24 @@ def _chunk_offsets(blob: bytes | bytearray, chunk_id: int) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("damage", ["short GP chunk", "stream cut in VP 1"])
+@pytest.mark.parametrize(("damage", "lost"), [("short GP chunk", 1), ("short GP chunk", 0),
+                                             ("stream cut", 1)])
 def test_damaged_vp_loses_only_its_notes(guest_vmrs: Path, guest_core: CoreFile, guest: SyntheticGuest,
-                                         tmp_path: Path, damage: str) -> None:
+                                         tmp_path: Path, damage: str, lost: int) -> None:
     assert [vp.index for vp in guest.vps] == [0, 1]
+    kept = 1 - lost
     target, data = _guest_copy(guest_vmrs, tmp_path)
     ps_offset, ps_size = layout_of(guest_vmrs).values[PARTITION_STATE]
     blob = data[ps_offset:ps_offset + ps_size]
     if damage == "short GP chunk":
-        # VP 1's GP chunk claims 8 bytes; a filler chunk of an unknown id keeps the stream in step.
-        gp = _chunk_offsets(blob, VP_GP_CHUNK)[1]
+        # The GP chunk claims 8 bytes; a filler chunk of an unknown id keeps the stream in step.
+        gp = _chunk_offsets(blob, VP_GP_CHUNK)[lost]
         (length,) = struct.unpack_from("<I", blob, gp + 4)
         struct.pack_into("<I", blob, gp + 4, 8)
         CHUNK_HEADER.pack_into(blob, gp + CHUNK_HEADER.size + 8, 0x2FFF0003, length - 8 - CHUNK_HEADER.size)
     else:
         # VP 1's control-register chunk claims more bytes than the blob holds: the stream ends there.
-        control = _chunk_offsets(blob, VP_CONTROL_CHUNK)[1]
+        control = _chunk_offsets(blob, VP_CONTROL_CHUNK)[lost]
         struct.pack_into("<I", blob, control + 4, 0x7FFFFFFF)
     data[ps_offset:ps_offset + ps_size] = blob
     target.write_bytes(data)
@@ -307,17 +309,33 @@ def test_damaged_vp_loses_only_its_notes(guest_vmrs: Path, guest_core: CoreFile,
     core, report_file = tmp_path / "salvaged.core", tmp_path / "r.json"
     result = run_cli(target, core, "--salvage", "--salvage-report", report_file)
     assert result.returncode == EXIT_LOSSES, result.stderr
-    assert any(line.startswith("vm2core: lost registers of vCPU 1") for line in result.stderr_lines), result.stderr
+    assert any(line.startswith(f"vm2core: lost registers of vCPU {lost}") for line in result.stderr_lines), \
+        result.stderr
     report = json.loads(report_file.read_text())
-    assert [v["index"] for v in report["lost_vps"]] == [1] and report["lost_ranges"] == []
+    assert [v["index"] for v in report["lost_vps"]] == [lost] and report["lost_ranges"] == []
+    # crash hands notes to CPUs in order: losing vCPU 0 shifts vCPU 1's registers to CPU 0, and it is said.
+    assert any("crash assigns the remaining CPU notes" in w for w in report["warnings"]) == (lost == 0)
     with core.open("rb") as f:
         found = notes(f)
     prstatus = [desc for name, n_type, desc in found if name == b"CORE" and n_type == NT_PRSTATUS]
-    assert [struct.unpack_from("<I", d, PR_PID_OFFSET)[0] for d in prstatus] == [1]      # CPU 0 only
+    assert [struct.unpack_from("<I", d, PR_PID_OFFSET)[0] for d in prstatus] == [kept + 1]   # pr_pid = CPU + 1
     assert sum(1 for name, _t, _d in found if name == b"QEMU") == 1
     with guest_core.path.open("rb") as f:
         reference_prstatus = [d for name, t, d in notes(f) if name == b"CORE" and t == NT_PRSTATUS]
-    assert prstatus[0] == reference_prstatus[0]                        # vCPU 0's registers unchanged
-    assert guest.truth.note in core.read_bytes()[:64 * 1024]           # validated through vCPU 0's CR3
+    assert prstatus[0] == reference_prstatus[kept]                     # the other vCPU's registers unchanged
+    assert guest.truth.note in core.read_bytes()[:64 * 1024]           # validated through the other's CR3
     assert_same_memory_except(core, guest_core.path, set())
 
+
+def test_bad_header_copy_is_a_warning(two_block_files: dict[str, Path], tmp_path: Path) -> None:
+    """The container already falls back to the other header copy; --salvage says so, and loses nothing."""
+    target = tmp_path / "header.vmrs"
+    data = bytearray(two_block_files["intact"].read_bytes())
+    data[20] ^= 0xFF                                 # inside header copy 0 (46 bytes at 0): its CRC fails
+    target.write_bytes(data)
+    result = run_cli(target, tmp_path / "a.core", "--salvage", "--salvage-report", tmp_path / "r.json")
+    assert result.returncode == 0, result.stderr
+    assert any("damage:" in line and "header copy 0" in line for line in result.stderr_lines), result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["complete"] is True and any("header copy 0" in w for w in report["warnings"])
+    assert bytes_at(tmp_path / "a.core", 0, 2 * MIB) == TWO_MIB_RAM

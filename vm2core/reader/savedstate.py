@@ -348,4 +348,11 @@ class SavedState:
         """What could not be read so far (complete once the whole core has been streamed)."""
         ranges: list[LostRange] = lost_ranges(self.losses.blocks, self.ranges, BLOCK_SIZE)
         vps = [LostVp(i, why) for i, why in self.partition.lost_vps().items()]
-        return SalvageReport(str(self.path), ranges, vps, self.losses.warnings)
+        warnings = self.losses.warnings
+        kept = [vp.index for vp in self.vps]
+        first_gap = next((v.index for v in vps if any(k > v.index for k in kept)), None)
+        if first_gap is not None:
+            # crash (netdump.c, QEMU-style notes present) gives the i-th NT_PRSTATUS note to CPU i.
+            warnings.append(f"crash assigns the remaining CPU notes to CPUs in order, so from CPU {first_gap} on "
+                            "it shows the registers of the next vCPU; drgn matches notes by pr_pid and is right")
+        return SalvageReport(str(self.path), ranges, vps, warnings)
