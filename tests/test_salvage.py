@@ -26,6 +26,8 @@ from tests.test_hostile_input import BAD_BLOCKS, CHUNK_HEADER, DESCRIPTOR, FILE_
 from tests.vmrs_writer import RangeSpec, WriterOptions, ram_from_bytes, write_vmrs
 from tests.vmrs_writer.ramblock import RamBlockEncoder
 from vm2core.core.convert import convert
+from vm2core.errors import FormatError
+from vm2core.reader.partition_state import parse_partition_state
 from vm2core.reader.savedstate import SavedState
 
 EXIT_LOSSES = 4
@@ -339,3 +341,35 @@ def test_bad_header_copy_is_a_warning(two_block_files: dict[str, Path], tmp_path
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["complete"] is True and any("header copy 0" in w for w in report["warnings"])
     assert bytes_at(tmp_path / "a.core", 0, 2 * MIB) == TWO_MIB_RAM
+
+
+# ------------------------------------------------------------------------------ partition_state alone
+
+def _blob(guest: SyntheticGuest) -> bytearray:
+    from tests.vmrs_writer.partition_state import build_partition_state
+    return bytearray(build_partition_state(guest.vps))
+
+
+def test_stream_broken_before_a_vcpu(guest: SyntheticGuest) -> None:
+    """Cut right before vCPU 1's marker: vCPU 0 (complete) stays, vCPU 1 (in VP_INDICES) is lost."""
+    blob = _blob(guest)
+    vp_markers = _chunk_offsets(blob, 0x30001000)                 # VP chunk id (vmrs-format.md §3)
+    cut = blob[:vp_markers[1]]
+    struct.pack_into("<Q", cut, 16, 0)                            # descriptor total size: "whole blob"
+    with pytest.raises(FormatError):
+        parse_partition_state(bytes(cut))
+    state = parse_partition_state(bytes(cut), salvage=True)
+    assert [vp.index for vp in state.vtl0_vps()] == [0]
+    lost = state.lost_vps()
+    assert list(lost) == [1] and "EPILOG" in lost[1]
+
+
+def test_bad_prolog_is_skipped(guest: SyntheticGuest) -> None:
+    blob = _blob(guest)
+    prolog = _chunk_offsets(blob, 0x00000000)[0]
+    struct.pack_into("<I", blob, prolog + CHUNK_HEADER.size, 0x12345678)   # tag is not 'duTP'
+    with pytest.raises(FormatError):
+        parse_partition_state(bytes(blob))
+    state = parse_partition_state(bytes(blob), salvage=True)
+    assert [vp.index for vp in state.vtl0_vps()] == [0, 1] and state.lost_vps() == {}
+    assert any("PROLOG" in p for p in state.problems)

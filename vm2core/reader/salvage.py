@@ -57,7 +57,7 @@ class LossList:
             self._blocks.setdefault(number, reason)
 
     def warn(self, message: str) -> None:
-        """Damage that cost no guest byte (a bad header copy, a checksum mismatch...)."""
+        """Damage that by itself cost no guest byte (a bad header copy, a checksum mismatch...)."""
         with self._lock:
             if message not in self._warnings:
                 self._warnings.append(message)
