@@ -85,14 +85,18 @@ class SavedState:
         if salvage:
             for problem in container.header_problems:
                 self.losses.warn(f"{self.path}: file header: {problem} (the other copy was used)")
-            # The container's own salvage record (checksum mismatches...), when it keeps one.
-            for damage in getattr(container, "damage", []):
-                self.losses.warn(str(damage))
         self.vm_version = self._vm_version()
         self.saved_state_type = container.read_string(SAVED_STATE_TYPE_KEY)
         self.partition = self._partition_state()
         self.ranges = self._memory_ranges()
         self._present_blocks = self._index_blocks()
+        if salvage:
+            # The container's own salvage record (checksum mismatches, file objects past the end...).
+            # A RamBlock's file object past the end is reported as the lost range it causes instead.
+            blocks = {self.container.keys[RAM_BLOCK_KEY.format(n)].data_offset for n in self._present_blocks}
+            for damage in getattr(container, "damage", []):
+                if not (getattr(damage, "structure", None) == "file object" and damage.offset in blocks):
+                    self.losses.warn(str(damage))
         self._cache: OrderedDict[int, list[Piece]] = OrderedDict()
 
     @classmethod
