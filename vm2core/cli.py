@@ -38,6 +38,7 @@ class LossesError(Vm2coreError):
 
     exit_code = EXIT_WITH_LOSSES
 
+
 EPILOG = """\b
 Exit codes: 0 success; 1 the core could not be written; 2 bad or unsupported input or usage;
 3 internal error (VM2CORE_DEBUG=1 shows a traceback); 4 core written with losses (--salvage);
