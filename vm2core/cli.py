@@ -5,6 +5,7 @@ Exit codes (also in README and ``--help``):
   1  the core could not be written (output exists, terminal, disk full, broken pipe, network)
   2  bad or unsupported input, or bad usage
   3  internal error (a bug: please report it; VM2CORE_DEBUG=1 shows the traceback)
+  4  with --salvage: the core (or info) was written, but parts of the input could not be read
   130 interrupted (Ctrl-C); 128+N ended by SIGTERM/SIGHUP (143/129)
 """
 
@@ -23,6 +24,7 @@ from vm2core.core.convert import Progress, convert
 from vm2core.errors import OutputError, UsageError, Vm2coreError
 from vm2core.progress import LogProgress, TerminalProgress, human_bytes
 from vm2core.reader.backend import BACKENDS, open_saved_state
+from vm2core.reader.salvage import EXIT_WITH_LOSSES, SalvageReport
 from vm2core.reader.xpress import check_backend
 from vm2core.signals import Interrupted, cleanup_on_termination
 from vm2core.sinks.base import Sink
@@ -32,10 +34,17 @@ from vm2core.sinks.zstd import DEFAULT_LEVEL, ZSTD_SUFFIXES, ZstdSink, parse_lev
 
 EXIT_OK, EXIT_OUTPUT, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
+
+class LossesError(Vm2coreError):
+    """--salvage wrote its result, but parts of the input were unreadable (listed above it)."""
+
+    exit_code = EXIT_WITH_LOSSES
+
+
 EPILOG = """\b
 Exit codes: 0 success; 1 the core could not be written; 2 bad or unsupported input or usage;
-3 internal error (VM2CORE_DEBUG=1 shows a traceback); 130 interrupted (Ctrl-C);
-128+N ended by signal N (143 SIGTERM, 129 SIGHUP): the partial output is removed.
+3 internal error (VM2CORE_DEBUG=1 shows a traceback); 4 core written with losses (--salvage);
+130 interrupted (Ctrl-C); 128+N ended by signal N (143 SIGTERM, 129 SIGHUP): the partial output is removed.
 \b
 Examples:
   vm2core GUEST.vmrs GUEST.core
@@ -246,12 +255,18 @@ class _ConvertCommand(click.Command):
 @click.option("--sha256", "want_sha256", is_flag=True,
               help="Print the SHA-256 of the bytes written (and write OUTPUT.sha256 for a file; "
                    "an existing one is replaced only with -f).")
+@click.option("--salvage", is_flag=True,
+              help="Read whatever can be read: unreadable RAM blocks become zeros, vCPUs with unreadable "
+                   "registers are left out; each loss is listed on stderr and the exit code is 4.")
+@click.option("--salvage-report", "salvage_report", type=click.Path(path_type=Path), metavar="FILE",
+              help="With --salvage: also write the list of losses as JSON to FILE.")
 @_backend_options
 @_vm_options
 def convert_cmd(paths: tuple[str, ...], force: bool, quiet: bool, progress: bool | None,
                 exclude_zero: bool, zstd: bool, zstd_level_text: str | None, ssh_target: str | None,
                 ssh_options: tuple[str, ...], ssh_accept_new: bool, verify: bool, want_sha256: bool, backend: str,
-                dll: Path | None, vm: str | None, checkpoint: str | None, dirs: tuple[Path, ...]) -> None:
+                dll: Path | None, vm: str | None, checkpoint: str | None, dirs: tuple[Path, ...], salvage: bool,
+                salvage_report: Path | None) -> None:
     """Convert INPUT (.vmrs, or a legacy .vsv and .bin in either order) into an ELF core at OUTPUT
     ("-" for standard output) or on a remote host.
 
@@ -272,7 +287,7 @@ def convert_cmd(paths: tuple[str, ...], force: bool, quiet: bool, progress: bool
     _run(run, force=force, quiet=quiet, progress=progress, exclude_zero=exclude_zero,
          zstd=zstd, zstd_level_text=zstd_level_text, ssh_target=ssh_target, ssh_options=ssh_options,
          accept_new=ssh_accept_new, verify=verify, want_sha256=want_sha256, backend=backend, dll=dll,
-         vm=vm, checkpoint=checkpoint, dirs=dirs)
+         vm=vm, checkpoint=checkpoint, dirs=dirs, salvage=salvage, salvage_report=salvage_report)
 
 
 def _check_usage(output: str | None, *, force: bool, zstd: bool, zstd_level_text: str | None,
@@ -343,14 +358,16 @@ def _convert(inputs: list[Path], output: str | None, *, force: bool, quiet: bool
              exclude_zero: bool, zstd: bool, zstd_level_text: str | None, ssh_target: str | None,
              ssh_options: tuple[str, ...], accept_new: bool, verify: bool, want_sha256: bool,
              backend: Any = "auto", dll: Path | None = None, vm: str | None = None, checkpoint: str | None = None,
-             dirs: tuple[Path, ...] = ()) -> None:
+             dirs: tuple[Path, ...] = (), salvage: bool = False, salvage_report: Path | None = None) -> None:
+    _check_salvage_options(salvage, salvage_report)
     zstd_level, digest_file = _check_usage(output, force=force, zstd=zstd, zstd_level_text=zstd_level_text,
                                            ssh_target=ssh_target, ssh_options=ssh_options, accept_new=accept_new,
                                            verify=verify, want_sha256=want_sha256)
     rep = _Reporter(quiet, progress)
+    _refuse_existing_report(salvage_report, force)
     if not inputs:
         inputs = [_pick_input(None, vm, checkpoint, dirs, rep)]
-    with open_saved_state(inputs, backend=backend, dll=dll, warn=rep.warn) as state:
+    with open_saved_state(inputs, backend=backend, dll=dll, warn=rep.warn, salvage=salvage) as state:
         input_path = state.path
         if exclude_zero and state.backend == "dll":
             rep.warn("--exclude-zero: the DLL reports no zero-page metadata, so nothing is left out")
@@ -393,6 +410,8 @@ def _convert(inputs: list[Path], output: str | None, *, force: bool, quiet: bool
         rep.say(note)
     if ssh_target is not None:
         rep.say(base.remote_hint(compressed=zstd_level is not None))  # type: ignore[attr-defined]
+    if salvage:
+        _finish_salvage(state.salvage_report(), salvage_report, "core written")
 
 
 def _write_digest_file(target: Path, core: Path, digest: str, *, force: bool) -> None:
@@ -407,10 +426,16 @@ def _write_digest_file(target: Path, core: Path, digest: str, *, force: bool) ->
 @click.option("--no-scan", is_flag=True,
               help="Read no guest memory: skip the kernel search and the zero-page count (fast: metadata only).")
 @click.option("--progress/--no-progress", default=None, help="Show progress on stderr.")
+@click.option("--salvage", is_flag=True,
+              help="Describe what can be read; list what cannot (stderr, exit code 4).")
+@click.option("--salvage-report", "salvage_report", type=click.Path(path_type=Path), metavar="FILE",
+              help="With --salvage: also write the list of losses as JSON to FILE.")
+@click.option("-f", "--force", is_flag=True, help="Replace an existing --salvage-report FILE.")
 @_backend_options
 @_vm_options
-def info(input_paths: tuple[Path, ...], as_json: bool, no_scan: bool, progress: bool | None, backend: str,
-         dll: Path | None, vm: str | None, checkpoint: str | None, dirs: tuple[Path, ...]) -> None:
+def info(input_paths: tuple[Path, ...], as_json: bool, no_scan: bool, progress: bool | None, salvage: bool,
+         salvage_report: Path | None, force: bool, backend: str, dll: Path | None, vm: str | None,
+         checkpoint: str | None, dirs: tuple[Path, ...]) -> None:
     """Describe a saved state (a .vmrs, or a .vsv and its .bin): VM, CPUs, memory ranges and the guest
     kernel found in memory."""
     if len(input_paths) > 2:
@@ -421,7 +446,8 @@ def info(input_paths: tuple[Path, ...], as_json: bool, no_scan: bool, progress: 
 
     def run() -> None:
         inputs = list(input_paths) or [_pick_input(None, vm, checkpoint, dirs)]
-        _info(inputs, as_json, not no_scan, progress, backend, dll)
+        _info(inputs, as_json, not no_scan, progress, backend, dll, salvage=salvage, salvage_report=salvage_report,
+              force=force)
 
     _run(run)
 
@@ -451,16 +477,24 @@ def _list(dirs: tuple[Path, ...], as_json: bool) -> None:
 
 
 def _info(inputs: list[Path], as_json: bool, scan: bool, progress: bool | None, backend: Any = "auto",
-          dll: Path | None = None) -> None:
+          dll: Path | None = None, *, salvage: bool = False, salvage_report: Path | None = None,
+          force: bool = False) -> None:
     from vm2core.info import describe
 
+    _check_salvage_options(salvage, salvage_report)
     rep = _Reporter(False, progress)
-    with open_saved_state(inputs, backend=backend, dll=dll, warn=rep.warn) as state:
+    _refuse_existing_report(salvage_report, force)
+    with open_saved_state(inputs, backend=backend, dll=dll, warn=rep.warn, salvage=salvage) as state:
         report = describe(state, rep.progress, scan=scan)
+        losses = state.salvage_report() if salvage else None
+    if losses is not None:
+        report["salvage"] = losses.as_json()
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(render_info(report))
+    if losses is not None:
+        _finish_salvage(losses, salvage_report, "description printed")
 
 
 def render_info(r: dict[str, Any]) -> str:
@@ -516,6 +550,41 @@ def render_info(r: dict[str, Any]) -> str:
             lines.append("guest kernel:      not found")
         lines += [f"  {reason}" for reason in r.get("guest_kernel_reasons", []) if not k]
     return "\n".join(lines)
+
+
+def _check_salvage_options(salvage: bool, report: Path | None) -> None:
+    if report is not None and not salvage:
+        raise UsageError("--salvage-report lists what --salvage could not read: use it with --salvage")
+
+
+def _refuse_existing_report(report: Path | None, force: bool) -> None:
+    """Checked before any work, so a long conversion does not end on an existing report file."""
+    if report is not None and not force and report.exists():
+        raise OutputError(f"{report}: already exists (use -f to replace it)")
+
+
+MAX_LOSS_LINES_WITH_REPORT = 20
+
+
+def _finish_salvage(report: SalvageReport, report_file: Path | None, what: str) -> None:
+    """Print every loss on stderr (even with -q: losses are never only in a log), write the JSON,
+    and end with exit code 4 when anything is missing."""
+    lines = report.lines()
+    if report_file is not None and len(lines) > MAX_LOSS_LINES_WITH_REPORT:
+        more = len(lines) - MAX_LOSS_LINES_WITH_REPORT
+        lines = lines[:MAX_LOSS_LINES_WITH_REPORT] + [f"... and {more} more, all listed in {report_file}"]
+    for line in lines:
+        _err(line)
+    if report_file is not None:
+        try:
+            report_file.write_text(json.dumps(report.as_json(), indent=2) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise OutputError(f"{report_file}: cannot write the salvage report: {e.strerror or e}") from None
+    if not report.complete:
+        raise LossesError(f"{what} with losses: {human_bytes(report.lost_bytes)} of guest RAM in "
+                          f"{len(report.ranges)} range(s) unreadable (zeros in the core), "
+                          f"{len(report.vps)} vCPU(s) without registers"
+                          + (f"; report in {report_file}" if report_file is not None else ""))
 
 
 @main.command()

@@ -9,6 +9,7 @@ from vm2core.core.convert import Progress, find_kernel
 from vm2core.core.zeros import block_zero_runs
 from vm2core.reader.backend import SavedStateFace
 from vm2core.reader.memory import PAGE_SIZE
+from vm2core.reader.ramblock import BlockError
 from vm2core.reader.savedstate import RAM_BLOCK_KEY, SavedState
 
 
@@ -39,8 +40,15 @@ def memory_statistics(state: SavedState, progress: Progress, *, zero_pages: bool
                     zero += length
                 elif info.encoding == "records":
                     # Record headers only: pattern-0 fills are zero pages, nothing is decompressed.
-                    runs = block_zero_runs(state.read_block_bytes(info), name=RAM_BLOCK_KEY.format(info.number),
-                                           file_offset=info.entry.data_offset, path=state.path)
+                    try:
+                        runs = block_zero_runs(state.read_block_bytes(info),
+                                               name=RAM_BLOCK_KEY.format(info.number),
+                                               file_offset=info.entry.data_offset, path=state.path)
+                    except BlockError as e:
+                        if not state.salvage:
+                            raise
+                        state.lose_block(info.number, e)
+                        runs = []
                     zero += sum(max(0, min(s + n, start + length) - max(s, start)) for s, n in runs)
                 progress.advance(length)
     finally:

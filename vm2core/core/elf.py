@@ -103,7 +103,9 @@ def qemu_cpu_state(vp: VpState) -> bytes:
 
 def cpu_notes(vps: list[VpState]) -> bytes:
     """Per-vCPU NT_PRSTATUS notes, then per-vCPU "QEMU" notes, in CPU order (as QEMU writes them)."""
-    parts = [note(b"CORE", NT_PRSTATUS, prstatus_x86_64(vp, i + 1)) for i, vp in enumerate(vps)]
+    # pr_pid is the VP index + 1 (not the position), so drgn still finds the right CPU's registers
+    # when a salvaged core omits an unreadable vCPU (or VP indices are sparse).
+    parts = [note(b"CORE", NT_PRSTATUS, prstatus_x86_64(vp, vp.index + 1)) for vp in vps]
     parts += [note(b"QEMU", 0, qemu_cpu_state(vp)) for vp in vps]
     return b"".join(parts)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from vm2core.core.layout import LoadRange
 from vm2core.reader.backend import SavedStateFace as SavedState  # any backend: native or DLL
 from vm2core.reader.memory import PAGE_SIZE, MemoryRange
-from vm2core.reader.ramblock import iter_records
+from vm2core.reader.ramblock import BlockError, iter_records
 from vm2core.reader.savedstate import RAM_BLOCK_KEY, BlockInfo
 
 # makedumpfile (elf-vmcore.md §4): a PT_LOAD's file part ends after >= 256 excluded pages.
@@ -112,8 +112,15 @@ def _block_runs(state: SavedState, info: BlockInfo, start: int, length: int) -> 
     if info.encoding != "records" or info.entry is None:    # raw, or read by the backend itself: data
         return
     data = state.read_block_bytes(info)
-    for run_start, run_len in block_zero_runs(data, name=RAM_BLOCK_KEY.format(info.number), path=state.path,
-                                              file_offset=info.entry.data_offset):
+    try:
+        runs = block_zero_runs(data, name=RAM_BLOCK_KEY.format(info.number), path=state.path,
+                               file_offset=info.entry.data_offset)
+    except BlockError as e:
+        if not state.salvage:
+            raise
+        state.lose_block(info.number, e)      # kept in the file: the stream writes its zeros
+        return
+    for run_start, run_len in runs:
         lo, hi = _page_inward(max(run_start, start), min(run_start + run_len, start + length))
         if hi > lo:
             yield lo, hi

@@ -23,6 +23,7 @@ from vm2core.errors import FormatError, UnsupportedError
 from vm2core.reader.container import HEADER_OFFSETS, HEADER_SIGNATURE, require_regular
 from vm2core.reader.cpu import VpState
 from vm2core.reader.memory import MemoryRange, Piece
+from vm2core.reader.salvage import SalvageReport
 
 if TYPE_CHECKING:
     from vm2core.reader.savedstate import BlockInfo
@@ -81,6 +82,14 @@ class SavedStateFace(Protocol):
 
     def read_physical(self, gpa: int, length: int) -> bytes: ...
 
+    # --salvage: a backend that cannot salvage has salvage False and an empty report.
+    @property
+    def salvage(self) -> bool: ...
+
+    def lose_block(self, number: int, error: FormatError) -> None: ...
+
+    def salvage_report(self) -> SalvageReport: ...
+
     def close(self) -> None: ...
 
     def __enter__(self) -> SavedStateFace: ...
@@ -123,7 +132,7 @@ def classify_inputs(inputs: Sequence[Path]) -> tuple[Path, Path | None]:
 
 
 def open_saved_state(inputs: Sequence[Path], *, backend: Backend = "auto", dll: Path | None = None,
-                     warn: Callable[[str], None] = lambda _msg: None) -> SavedStateFace:
+                     warn: Callable[[str], None] = lambda _msg: None, salvage: bool = False) -> SavedStateFace:
     """Open ``inputs`` (one .vmrs, or a .vsv and a .bin in any order) with the chosen backend.
 
     ``auto``: a .vmrs natively, and through the DLL if the native reader refuses it as an unknown
@@ -133,6 +142,9 @@ def open_saved_state(inputs: Sequence[Path], *, backend: Backend = "auto", dll: 
     from vm2core.reader.savedstate import SavedState
 
     state_path, bin_path = classify_inputs(inputs)
+    if salvage and (backend == "dll" or bin_path is not None):
+        raise UnsupportedError("--salvage works with the native reader only (the DLL reports no losses)",
+                               path=state_path)
     if backend == "dll":
         return dll_backend.DllSavedState.open(state_path, bin_path, dll_backend.require_dll(dll), warn)
     if bin_path is not None:
@@ -144,9 +156,9 @@ def open_saved_state(inputs: Sequence[Path], *, backend: Backend = "auto", dll: 
         return dll_backend.DllSavedState.open(state_path, bin_path, dll_backend.require_dll(dll, legacy=True),
                                               warn)
     if backend == "native":
-        return SavedState.open(state_path)
+        return SavedState.open(state_path, salvage=salvage)
     try:
-        return SavedState.open(state_path)
+        return SavedState.open(state_path, salvage=salvage)
     except UnsupportedError as e:
         found = dll_backend.find_dll(dll)
         if found is None:

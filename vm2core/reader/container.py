@@ -178,9 +178,13 @@ def require_regular(mode: int, path: Path) -> None:
 class HyperVStorage:
     """A parsed HyperVStorage file.  Construct with :meth:`open` or from a binary file object."""
 
-    def __init__(self, fh: BinaryIO, path: Path | str = "<input>") -> None:
+    def __init__(self, fh: BinaryIO, path: Path | str = "<input>", *, salvage: bool = False) -> None:
         self._fh = fh
         self.path = Path(path) if not isinstance(path, Path) else path
+        # salvage: damage that costs only the keys it touches is recorded here instead of raised
+        # (the saved-state layer turns it into losses); a bad header copy always falls back.
+        self.salvage = salvage
+        self.damage: list[FormatError] = []
         fh.seek(0, 2)
         self.file_size = fh.tell()
         self.header_problems: list[str] = []
@@ -194,7 +198,7 @@ class HyperVStorage:
         self.replay_log = self._read_replay_log()
 
     @classmethod
-    def open(cls, path: Path | str) -> HyperVStorage:
+    def open(cls, path: Path | str, *, salvage: bool = False) -> HyperVStorage:
         p = Path(path)
         if p.is_dir():
             raise FormatError("is a directory, not a saved-state file", path=p)
@@ -209,7 +213,7 @@ class HyperVStorage:
             raise FormatError(f"cannot open: {e.strerror or e}", path=p) from None
         try:
             require_regular(os.fstat(fh.fileno()).st_mode, p)
-            return cls(fh, p)
+            return cls(fh, p, salvage=salvage)
         except BaseException:
             fh.close()
             raise
@@ -400,8 +404,12 @@ class HyperVStorage:
                 raise self._error("file-object reference truncated", "key table entry", where)
             size, offset = FILE_OBJECT_REF.unpack_from(data, start)
             if offset + size > self.file_size:
-                raise self._error(f"file object of {size} bytes at {offset:#x} lies beyond the end of the "
-                                  f"file ({self.file_size:#x}): truncated?", "file object", offset)
+                error = self._error(f"file object of {size} bytes at {offset:#x} lies beyond the end of the "
+                                    f"file ({self.file_size:#x}): truncated?", "file object", offset)
+                if not self.salvage:
+                    raise error
+                # Kept: reading the key fails later with this message; a RamBlock becomes a loss.
+                self.damage.append(error)
             return offset, size, True
         if ktype in (KEY_STRING, KEY_ARRAY):
             if avail < LENGTH_PREFIX.size:

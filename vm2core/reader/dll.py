@@ -42,6 +42,7 @@ from vm2core.reader.cpu import (
 )
 from vm2core.reader.memory import PAGE_SIZE, Data, MemoryRange, NotInMemory, Piece, Zeros
 from vm2core.reader.ramblock import BLOCK_SIZE
+from vm2core.reader.salvage import SalvageReport
 from vm2core.reader.savedstate import BlockInfo
 
 DLL_NAME = "vmsavedstatedumpprovider.dll"
@@ -256,6 +257,8 @@ class DllSavedState:
     backend = "dll"
     dirty = False                  # the DLL does not say; it applies no replay log either
 
+    salvage = False     # the DLL reports no losses: --salvage is refused for this backend
+
     def __init__(self, provider: Provider, handle: ctypes.c_void_p, state_path: Path, bin_path: Path | None,
                  warn: Callable[[str], None] = lambda _msg: None) -> None:
         self._provider = provider
@@ -290,6 +293,12 @@ class DllSavedState:
         if not handle.value:
             raise FormatError(f"{dll.name} returned no handle", path=state_path, structure=DLL_NAME)
         return cls(provider, handle, state_path, bin_path, warn)
+
+    def lose_block(self, number: int, error: FormatError) -> None:
+        raise error
+
+    def salvage_report(self) -> SalvageReport:
+        return SalvageReport(str(self.path), [], [], [])
 
     def close(self) -> None:
         """Release the handle (and the DLL's file locks); a failure then is only worth a warning."""

@@ -41,8 +41,8 @@ class LegacySavedState(SavedState):
     memory_block_key = LEGACY_MEMORY_BLOCK_KEY
     ram_block_key = LEGACY_RAM_BLOCK_KEY
 
-    def __init__(self, container: HyperVStorage) -> None:
-        super().__init__(container)
+    def __init__(self, container: HyperVStorage, *, salvage: bool = False) -> None:
+        super().__init__(container, salvage=salvage)
         if not self._present_blocks:
             raise self._unsupported(f"no {LEGACY_RAM_BLOCK_KEY.format('N')} keys: the RAM is not in this file "
                                     "(a legacy .vsv keeps it in its .bin, whose layout is not public); "

@@ -28,6 +28,7 @@ from vm2core.reader.ramblock import (
     raw_block,
     slice_pieces,
 )
+from vm2core.reader.salvage import LossList, LostRange, LostVp, SalvageReport, lost_ranges
 
 # [FMT] Appendix A: keys of VMs with version > 5.0.
 VM_VERSION_KEYS = ("/savedstate/VmVersion", "/configuration/properties/version")
@@ -92,28 +93,42 @@ class SavedState:
     memory_block_key = MEMORY_BLOCK_KEY
     ram_block_key = RAM_BLOCK_KEY
 
-    def __init__(self, container: HyperVStorage) -> None:
+    def __init__(self, container: HyperVStorage, *, salvage: bool = False) -> None:
         from vm2core.reader.filekind import require_memory  # filekind builds on this module's key names
 
         self.container = container
         self.path = container.path
         require_memory(container)   # a configuration or runtime file gets a plain answer, not a key error
+        # salvage: unreadable RamBlocks become zeros and VPs with unreadable registers are left
+        # out, each recorded in ``losses`` (reader/salvage.py); without it every error raises.
+        self.salvage = salvage
+        self.losses = LossList()
+        if salvage:
+            for problem in container.header_problems:
+                self.losses.warn(f"{self.path}: file header: {problem} (the other copy was used)")
         self.vm_version = self._vm_version()
         self.saved_state_type = container.read_string(SAVED_STATE_TYPE_KEY)
         self.partition = self._partition_state()
         self.ranges = self._memory_ranges()
         self._present_blocks = self._index_blocks()
+        if salvage:
+            # The container's own salvage record (checksum mismatches, file objects past the end...).
+            # A RamBlock's file object past the end is reported as the lost range it causes instead.
+            blocks = {self.container.keys[RAM_BLOCK_KEY.format(n)].data_offset for n in self._present_blocks}
+            for damage in getattr(container, "damage", []):
+                if not (getattr(damage, "structure", None) == "file object" and damage.offset in blocks):
+                    self.losses.warn(str(damage))
         self._cache: OrderedDict[int, list[Piece]] = OrderedDict()
 
     @classmethod
-    def open(cls, path: Path | str) -> SavedState:
-        container = HyperVStorage.open(path)
+    def open(cls, path: Path | str, *, salvage: bool = False) -> SavedState:
+        container = HyperVStorage.open(path, salvage=salvage)
         try:
             if cls is SavedState and is_legacy_layout(container):
                 from vm2core.reader.legacy import LegacySavedState
 
-                return LegacySavedState(container)
-            return cls(container)
+                return LegacySavedState(container, salvage=salvage)
+            return cls(container, salvage=salvage)
         except BaseException:
             container.close()
             raise
@@ -168,10 +183,16 @@ class SavedState:
         if entry.type != KEY_ARRAY:
             raise self._error(f"{key} is a {entry.type_name}, expected an array", "key tree")
         blob = self.container.read_bytes(entry, MAX_PARTITION_STATE)
-        state = parse_partition_state(blob, path=self.path, base_offset=entry.data_offset)
+        state = parse_partition_state(blob, path=self.path, base_offset=entry.data_offset, salvage=self.salvage)
         if not state.vtl0_vps():
-            raise self._error("no VTL0 register set for any virtual processor", key,
-                              entry.data_offset)
+            lost = "; ".join(state.lost_vps().values()) if self.salvage else ""
+            raise self._error("no VTL0 register set for any virtual processor" + (f" ({lost})" if lost else ""),
+                              key, entry.data_offset)
+        for problem in state.problems:
+            self.losses.warn(problem)
+        for (vp, vtl), why in state.damaged.items():
+            if vtl != 0:
+                self.losses.warn(f"VTL{vtl} registers of vCPU {vp} (not used for Linux): {why}")
         return state
 
     @property
@@ -246,12 +267,28 @@ class SavedState:
     def block_info(self, number: int) -> BlockInfo:
         entry = self.container.get(self.ram_block_key.format(number))
         if entry is not None:
-            if entry.type != KEY_ARRAY:
-                raise self._error(f"is a {entry.type_name}, expected an array", self.ram_block_key.format(number))
-            if entry.data_size > BLOCK_SIZE:
-                raise self._error(f"{entry.data_size} bytes, more than 1 MiB", self.ram_block_key.format(number),
-                                  entry.data_offset)
+            try:
+                if entry.type != KEY_ARRAY:
+                    raise self._error(f"is a {entry.type_name}, expected an array", self.ram_block_key.format(number))
+                if entry.data_size > BLOCK_SIZE:
+                    raise self._error(f"{entry.data_size} bytes, more than 1 MiB", self.ram_block_key.format(number),
+                                      entry.data_offset)
+                if entry.data_offset + entry.data_size > self.container.file_size:
+                    # Only reachable in salvage mode: the container refuses it otherwise.
+                    raise self._error(f"{entry.data_size} bytes at {entry.data_offset:#x} lie beyond the end of "
+                                      f"the file ({self.container.file_size:#x} bytes): truncated?",
+                                      self.ram_block_key.format(number), entry.data_offset)
+            except FormatError as e:
+                if not self.salvage:
+                    raise
+                self.lose_block(number, e)
+                return BlockInfo(number, None)      # streamed as zeros, like a missing block
         return BlockInfo(number, entry)
+
+    def lose_block(self, number: int, error: FormatError) -> None:
+        """Salvage: RamBlock ``number`` cannot be read; its bytes become zeros in the core."""
+        assert self.salvage
+        self.losses.lose_block(number, str(error))
 
     def blocks_of(self, r: MemoryRange) -> Iterator[tuple[BlockInfo, int, int]]:
         """(block, first byte used, bytes used) for the data blocks of a range, in GPA order.
@@ -283,9 +320,15 @@ class SavedState:
             return [Zeros(BLOCK_SIZE * info.count)]
         if info.entry.data_size == BLOCK_SIZE:
             return raw_block(info.entry.data_offset)
-        data = stored if stored is not None else self.read_block_bytes(info)
-        return decode_records(data, name=self.ram_block_key.format(info.number), file_offset=info.entry.data_offset,
-                              path=self.path)
+        try:
+            data = stored if stored is not None else self.read_block_bytes(info)
+            return decode_records(data, name=self.ram_block_key.format(info.number),
+                                  file_offset=info.entry.data_offset, path=self.path)
+        except FormatError as e:
+            if not self.salvage:
+                raise
+            self.lose_block(info.number, e)
+            return [Zeros(BLOCK_SIZE)]
 
     # --- random access (guest analysis) -----------------------------------------------------
 
@@ -323,3 +366,18 @@ class SavedState:
 
     def _read_file(self, offset: int, length: int) -> bytes:
         return self.container.read_at(offset, length, "RAM data")
+
+    # --- salvage ----------------------------------------------------------------------------
+
+    def salvage_report(self) -> SalvageReport:
+        """What could not be read so far (complete once the whole core has been streamed)."""
+        ranges: list[LostRange] = lost_ranges(self.losses.blocks, self.ranges, BLOCK_SIZE)
+        vps = [LostVp(i, why) for i, why in self.partition.lost_vps().items()]
+        warnings = self.losses.warnings
+        kept = [vp.index for vp in self.vps]
+        first_gap = next((v.index for v in vps if any(k > v.index for k in kept)), None)
+        if first_gap is not None:
+            # crash (netdump.c, QEMU-style notes present) gives the i-th NT_PRSTATUS note to CPU i.
+            warnings.append(f"crash assigns the remaining CPU notes to CPUs in order, so from CPU {first_gap} on "
+                            "it shows the registers of the next vCPU; drgn matches notes by pr_pid and is right")
+        return SalvageReport(str(self.path), ranges, vps, warnings)

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import getpass
 import hashlib
+import logging
 import secrets
 import shlex
 import socket
@@ -35,6 +36,11 @@ from vm2core.sinks.sshtarget import (
     parse_target,
     resolve,
 )
+
+# paramiko logs transport failures ("Socket exception: Connection reset by peer") from its own
+# thread; with no handler anywhere, Python's last-resort handler would print them on stderr next to
+# the one line the CLI prints for the same failure.  The sink reports every failure as OutputError.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 #: Returns the answer to a prompt, or None when nobody can be asked (stdin not a terminal).
 PasswordPrompt = Callable[[str], "str | None"]
