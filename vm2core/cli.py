@@ -38,6 +38,7 @@ Examples:
   vm2core GUEST.vmrs GUEST.core
   vm2core GUEST.vmrs - | zstd > GUEST.core.zst
   vm2core info GUEST.vmrs
+  vm2core dmesg GUEST.vmrs      (or GUEST.core)
 """
 
 
@@ -101,6 +102,7 @@ def main() -> None:
     \b
     vm2core INPUT OUTPUT        convert (OUTPUT "-" = standard output)
     vm2core info INPUT          describe the saved state and the guest kernel in it
+    vm2core dmesg INPUT         print the guest kernel log (INPUT: saved state or ELF core)
     vm2core inspect INPUT       list the raw keys of any HyperVStorage file
     """
 
@@ -227,17 +229,23 @@ def _write_digest_file(core: Path, digest: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--no-scan", is_flag=True, help="Do not search guest memory for the kernel (fast).")
 @click.option("--progress/--no-progress", default=None, help="Show progress on stderr.")
-def info(input_path: Path, as_json: bool, no_scan: bool, progress: bool | None) -> None:
-    """Describe a saved state: VM, CPUs, memory ranges and the guest kernel found in memory."""
-    _run(_info, input_path, as_json, not no_scan, progress)
+@click.option("--log-lines", type=click.IntRange(min=0), default=10, show_default=True, metavar="N",
+              help="Show the last N lines of the guest kernel log (0: none).")
+def info(input_path: Path, as_json: bool, no_scan: bool, progress: bool | None, log_lines: int) -> None:
+    """Describe a saved state: VM, CPUs, memory ranges and the guest kernel found in memory.
+
+    With the kernel found, also the last lines of its log, and a one-line summary at the top when
+    the log holds an oops, panic, BUG, soft/hard lockup or hung-task report.
+    """
+    _run(_info, input_path, as_json, not no_scan, progress, log_lines)
 
 
-def _info(input_path: Path, as_json: bool, scan: bool, progress: bool | None) -> None:
+def _info(input_path: Path, as_json: bool, scan: bool, progress: bool | None, log_lines: int = 10) -> None:
     from vm2core.info import describe
 
     rep = _Reporter(False, progress)
     with SavedState.open(input_path) as state:
-        report = describe(state, rep.progress, scan=scan)
+        report = describe(state, rep.progress, scan=scan, log_lines=log_lines)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -246,7 +254,9 @@ def _info(input_path: Path, as_json: bool, scan: bool, progress: bool | None) ->
 
 def render_info(r: dict[str, Any]) -> str:
     c = r["container"]
-    lines = [
+    klog = r.get("kernel_log") or {}
+    lines = [f"PROBLEM in kernel log: {klog['summary']}"] if klog.get("summary") else []
+    lines += [
         f"file:              {r['file']} ({human_bytes(r['file_size'])})",
         f"container:         HyperVStorage {c['format_version']}, header copy {c['header_copy']} "
         f"(sequence {c['sequence']}), {c['keys']} keys in {c['key_tables']} key tables",
@@ -287,7 +297,66 @@ def render_info(r: dict[str, Any]) -> str:
         else:
             lines.append("guest kernel:      not found")
         lines += [f"  {reason}" for reason in r.get("guest_kernel_reasons", []) if not k]
+    if klog:
+        lines.append(_render_log(klog))
     return "\n".join(lines)
+
+
+def _render_log(klog: dict[str, Any]) -> str:
+    if klog.get("error"):
+        return f"kernel log:        not readable: {klog['error']}"
+    head = (f"kernel log:        {klog['records']} records ({klog['format']})"
+            + (f", last {len(klog['last_lines'])} lines:" if klog["last_lines"] else ""))
+    return "\n".join([head, *(f"  {line}" for line in klog["last_lines"])])
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per record and line: seq, ts_nsec, level, caller, text, dictionary.")
+@click.option("--tail", type=click.IntRange(min=0), default=None, metavar="N", help="Only the last N records.")
+@click.option("--since-clear", is_flag=True, help="Only records after the last `dmesg -c` (clear_seq).")
+@click.option("--progress/--no-progress", default=None, help="Show progress of the VMCOREINFO search on stderr.")
+@click.option("-v", "--verbose", is_flag=True, help="Also say on stderr how much guest memory was read.")
+def dmesg(input_path: Path, as_json: bool, tail: int | None, since_clear: bool, progress: bool | None,
+          verbose: bool) -> None:
+    """Print the guest kernel log of INPUT (a saved state, or an ELF core such as one vm2core wrote).
+
+    Lines as vmcore-dmesg prints them ("[%5lu.%06lu] text"; bytes that are neither printable
+    nor white space as \\xNN). No vmlinux is needed: the log is found from the guest's VMCOREINFO
+    note alone (lockless ring of 5.10+, structured log of 3.5-5.9, or the older character buffer).
+    Exit code 2 when there is no VMCOREINFO, the kernel has no printk buffer (CONFIG_PRINTK=n),
+    or a key the log needs is missing.
+    """
+    _run(_dmesg, input_path, as_json, tail, since_clear, progress, verbose)
+
+
+def _dmesg(input_path: Path, as_json: bool, tail: int | None, since_clear: bool, progress: bool | None,
+           verbose: bool) -> None:
+    from vm2core.dmesg import read_kernel_log
+    from vm2core.guest.printk import format_log, record_json
+
+    rep = _Reporter(False, progress)
+    source = read_kernel_log(input_path, rep.progress)
+    log = source.log
+    for warning in log.warnings:
+        rep.warn(f"{input_path}: kernel log: {warning}")
+    records = log.since_clear() if since_clear else log.records
+    if tail is not None:
+        records = records[len(records) - tail:] if tail else []
+    out = sys.stdout.buffer
+    if as_json:
+        out.write(b"".join(json.dumps(record_json(r)).encode() + b"\n" for r in records))
+    elif records is log.records:
+        out.write(format_log(log))
+    else:
+        out.write(format_log(log, records))
+    out.flush()
+    if verbose:
+        rep.say(f"{log.kind} log of Linux {source.osrelease}: {len(log.records)} records; read "
+                f"{human_bytes(source.search_bytes + source.log_bytes)} of guest memory "
+                f"({human_bytes(source.search_bytes)} searching for VMCOREINFO, "
+                f"{human_bytes(source.log_bytes)} for page tables and the log)")
 
 
 @main.command()

@@ -37,7 +37,8 @@ def memory_statistics(state: SavedState, progress: Progress) -> dict[str, Any]:
             "zero_share": zero / total if total else 0.0, "zero_pages": zero // PAGE_SIZE}
 
 
-def describe(state: SavedState, progress: Progress | None = None, *, scan: bool = True) -> dict[str, Any]:
+def describe(state: SavedState, progress: Progress | None = None, *, scan: bool = True,
+             log_lines: int = 10) -> dict[str, Any]:
     progress = progress or Progress()
     c = state.container
     h = c.header
@@ -90,4 +91,8 @@ def describe(state: SavedState, progress: Progress | None = None, *, scan: bool 
         }
         report["guest_kernel_reasons"] = selection.reasons
         report["scanned_bytes"] = scanned
+        if k is not None:
+            from vm2core.dmesg import log_report
+
+            report["kernel_log"] = log_report(state, k, log_lines)
     return report
