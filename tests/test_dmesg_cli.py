@@ -132,3 +132,23 @@ def test_missing_key_is_exit_2(tmp_path):
     guest = small_guest(extra)
     ring.place(guest, ARRAYS_PA)
     assert_one_line_error(run_cli("dmesg", write(tmp_path / "k.vmrs", guest)), 2, "OFFSET(prb_desc.state_var)")
+
+
+@pytest.mark.parametrize("decoys", [frozenset(), frozenset({"duplicate", "stale", "crashtime"})])
+def test_search_stops_once_no_later_note_can_win(tmp_path, decoys):
+    """The same note a full search selects, read only up to it (an unaligned copy below does not stop it)."""
+    from tests.fixtures.synthetic_guest import LIVE_NOTE_GPA
+    from vm2core.core.convert import Progress, find_kernel
+    from vm2core.dmesg import find_log_kernel
+    from vm2core.reader.savedstate import SavedState
+
+    guest = build_guest(ram_size=64 * MIB, kernel_offset=KERNEL_OFFSET, phys_base=PHYS_BASE, decoys=decoys)
+    vmrs = write(tmp_path / "g.vmrs", guest)
+    with SavedState.open(vmrs) as state:
+        selection, scanned = find_log_kernel(state, Progress())
+        full, everything = find_kernel(state, Progress(),
+                                       stop_early=False)
+    assert selection.kernel is not None and full.kernel is not None
+    assert selection.kernel.note_gpa == full.kernel.note_gpa == LIVE_NOTE_GPA
+    assert everything == 64 * MIB
+    assert LIVE_NOTE_GPA < scanned <= LIVE_NOTE_GPA + 8 * MIB

@@ -1,7 +1,7 @@
 """`vm2core dmesg`: the guest kernel log from a saved state or from an ELF core, with no vmlinux.
 
-A saved state is searched for the VMCOREINFO note only until the first note that validates
-(as a conversion to a pipe does), then only the ring and the page tables that lead to it are
+A saved state is searched for the VMCOREINFO note only until a note validates that no later note
+could beat (:func:`find_log_kernel`), then only the ring and the page tables that lead to it are
 read: no full pass over guest memory.  An ELF core carries the note in its PT_NOTE.
 """
 
@@ -10,12 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vm2core.core.convert import Progress, find_kernel
+from vm2core.core.convert import Progress, memory_loads
 from vm2core.core.elfcore import ElfCore, is_elf
+from vm2core.core.pipeline import BlockDecoder, BufferPool, decode_in_order, slices, worker_count
+from vm2core.core.scanning import InputWindows, feed_scanner
 from vm2core.errors import FormatError, UnsupportedError
 from vm2core.guest.kernelmem import CountingMemory, KernelMemory, MissingKey
 from vm2core.guest.printk import KernelLog, LogError, read_log
-from vm2core.guest.vmcoreinfo import GuestKernel
+from vm2core.guest.vmcoreinfo import PAGE_SIZE, GuestKernel, Selection, VmcoreinfoScanner, select_kernel
 from vm2core.reader.memory import PhysicalMemory
 from vm2core.reader.savedstate import SavedState
 
@@ -61,13 +63,54 @@ def read_kernel_log(path: Path, progress: Progress | None = None) -> LogSource:
         if state.architecture != "x86_64":
             raise UnsupportedError(f"{state.architecture} guests: the kernel log is read for x86_64 only",
                                    path=path, structure="partition_state")
-        selection, scanned = find_kernel(state, progress, stop_early=True)
+        selection, scanned = find_log_kernel(state, progress)
         kernel = selection.kernel
         if kernel is None:
             raise FormatError("no valid VMCOREINFO note in guest memory, so the kernel log cannot be found ("
                               + "; ".join(selection.reasons) + ")", path=path, structure="guest memory")
         log, used = kernel_log_of(state, kernel)
         return LogSource(log, kernel.osrelease, scanned, used, list(kernel.caveats))
+
+
+def unbeatable(kernel: GuestKernel) -> bool:
+    """No note later in RAM can win the selection over this one: it passed every check (page tables and
+    init_uts_ns), and it is page aligned (the selection's tie-break prefers page-aligned notes, and a later
+    one has a higher address)."""
+    return kernel.note_gpa % PAGE_SIZE == 0 and not any("not checked" in c for c in kernel.caveats)
+
+
+def find_log_kernel(state: SavedState, progress: Progress) -> tuple[Selection, int]:
+    """The selection a full search would make, reading guest memory (in GPA order) only until it is certain.
+
+    Returns the selection and the bytes of guest memory searched.
+    """
+    scanner = VmcoreinfoScanner()
+    windows = InputWindows(state)
+    workers = min(2, worker_count())              # little read-ahead: the note is usually in low memory
+    pool = BufferPool(keep=4 * workers + 4)
+    decoder = BlockDecoder(state, pool)
+    loads = memory_loads(state)
+    scanned, seen = 0, 0
+    progress.start("searching for VMCOREINFO", sum(ld.filesz for ld in loads))
+    stream = decode_in_order(decoder, (piece for r in state.ranges for piece in slices(state, r, r.gpa_start, r.size)),
+                             workers=workers)
+    try:
+        for decoded in stream:
+            feed_scanner(scanner, decoded, windows)
+            pool.put(decoded.buffer)
+            scanned += decoded.slice.length
+            progress.advance(decoded.slice.length)
+            if len(scanner.candidates) > seen:
+                seen = len(scanner.candidates)
+                selection = select_kernel(scanner.candidates, state, state.vps)
+                if selection.kernel is not None and unbeatable(selection.kernel):
+                    return selection, scanned
+    finally:
+        stream.close()
+        decoder.close()
+        windows.close()
+        progress.finish()
+    return select_kernel(scanner.candidates, state, state.vps), scanned
 
 
 def log_report(state: SavedState, kernel: GuestKernel, lines: int) -> dict[str, object]:
