@@ -152,3 +152,23 @@ def test_search_stops_once_no_later_note_can_win(tmp_path, decoys):
     assert selection.kernel.note_gpa == full.kernel.note_gpa == LIVE_NOTE_GPA
     assert everything == 64 * MIB
     assert LIVE_NOTE_GPA < scanned <= LIVE_NOTE_GPA + 8 * MIB
+
+
+def test_legacy_log_is_printed_raw_and_tailed_by_line(tmp_path):
+    from tests.fixtures.printk_writer import LegacyLog
+
+    legacy = LegacyLog(length=4096)
+    for n in range(200):
+        legacy.emit(b"<4>old kernel line %d\n" % n)
+    guest = small_guest(legacy.vmcoreinfo(LINK_TEXT + KERNEL_OFFSET))
+    legacy.place(guest, ARRAYS_PA)
+    vmrs = write(tmp_path / "legacy.vmrs", guest)
+    assert run_cli("dmesg", vmrs).stdout == bytes(legacy.text[-4096:])
+    assert run_cli("dmesg", "--tail", "2", vmrs).stdout == b"<4>old kernel line 198\n<4>old kernel line 199\n"
+
+
+def test_dmesg_reads_an_exclude_zero_core(ring_vmrs, tmp_path):
+    vmrs, ring = ring_vmrs
+    core = tmp_path / "ez.core"
+    assert run_cli(vmrs, core, "-q", "--exclude-zero").returncode == 0
+    assert run_cli("dmesg", core).stdout == expected(ring)

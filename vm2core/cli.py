@@ -347,8 +347,9 @@ def _dmesg(input_path: Path, as_json: bool, tail: int | None, since_clear: bool,
     out = sys.stdout.buffer
     if as_json:
         out.write(b"".join(json.dumps(record_json(r)).encode() + b"\n" for r in records))
-    elif records is log.records:
-        out.write(format_log(log))
+    elif log.raw is not None:                  # legacy buffer: its characters as they are (no clear point)
+        lines = log.raw.splitlines(keepends=True)
+        out.write(b"".join(lines if tail is None else lines[len(lines) - tail:] if tail else []))
     else:
         out.write(format_log(log, records))
     out.flush()

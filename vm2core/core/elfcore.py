@@ -8,6 +8,7 @@ the file before it is used.  Structures: :mod:`vm2core.core.elf`.
 
 from __future__ import annotations
 
+import bisect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,12 @@ class ElfCore:
                     raise self._error("PT_LOAD data lies past the end of the file (truncated core?)",
                                       "program headers", at)
                 self.loads.append(Load(paddr, vaddr, offset, filesz, memsz))
+        # Physical lookups: sorted, overlaps dropped (a kdump-style image PT_LOAD aliases RAM bytes).
+        self._by_paddr: list[Load] = []
+        for load in sorted(self.loads, key=lambda ld: (ld.paddr, -ld.memsz)):
+            if load.memsz and (not self._by_paddr or load.paddr >= self._by_paddr[-1].paddr + self._by_paddr[-1].memsz):
+                self._by_paddr.append(load)
+        self._starts = [ld.paddr for ld in self._by_paddr]
 
     def vmcoreinfo_note(self) -> bytes | None:
         """The VMCOREINFO note's desc (KEY=VALUE text), or None."""
@@ -125,11 +132,17 @@ class ElfCore:
         desc = self.vmcoreinfo_note()
         return None if desc is None else parse_vmcoreinfo(desc)
 
+    def _load_at(self, gpa: int) -> Load | None:
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i >= 0 and gpa < self._by_paddr[i].paddr + self._by_paddr[i].memsz:
+            return self._by_paddr[i]
+        return None
+
     def read_physical(self, gpa: int, length: int) -> bytes:
         """Bytes at ``gpa`` by ``p_paddr``; raises :class:`NotInMemory` outside every PT_LOAD."""
         out = bytearray()
         while length > 0:
-            load = next((ld for ld in self.loads if ld.paddr <= gpa < ld.paddr + ld.memsz), None)
+            load = self._load_at(gpa)
             if load is None:
                 raise NotInMemory(gpa)
             inside = gpa - load.paddr
