@@ -69,3 +69,21 @@ def test_vmcore_dmesg_misreads_the_block_flush_with_the_array_end(tmp_path):
             assert its == mine[:15] + first_block and its != mine
         else:
             assert its == mine
+
+
+def test_vmcore_dmesg_on_a_structured_log_adds_a_line_per_wrap_marker(tmp_path):
+    from tests.fixtures.printk_writer import StructuredLog
+
+    log = StructuredLog(length=2048)
+    for n in range(150):
+        log.store(ts=n * 1_000_001_000, text=b"structured %d " % n + b"z" * (n % 50))
+    guest = small_guest(log.vmcoreinfo(LINK_TEXT + KERNEL_OFFSET))
+    log.place(guest, ARRAYS_PA)
+    core = tmp_path / "structured.core"
+    assert run_cli(write(tmp_path / "s.vmrs", guest), core, "-q").returncode == 0
+    ours = run_cli("dmesg", core).stdout
+    assert ours == b"".join(vmcore_dmesg_line(ts, text) for ts, text, _, _ in log.expected())
+    theirs = vmcore_dmesg(core)
+    spurious = b"[    0.000000] \n"
+    assert theirs.replace(spurious, b"") == ours
+    assert 0 < theirs.count(spurious) <= log.markers
