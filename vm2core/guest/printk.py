@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import re
 import struct
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .kernelmem import KernelMemory, MissingKey, number, symbol
 from .paging import TranslationError
@@ -156,19 +158,25 @@ def _read_lockless(mem: KernelMemory) -> KernelLog:
                             f"{count} descriptors: reading the newest {count}")
         tail_id = (head_id - count + 1) & DESC_ID_MASK
         span = count - 1
+    # One column per field (each array is read once; a Python loop over struct calls is 5x slower).
+    states = _column(descs, desc_size, state_at, _U64)
+    begins = _column(descs, desc_size, begin_at, _U64)
+    nexts = _column(descs, desc_size, next_at, _U64)
+    seqs = _column(infos, info_size, seq_at, _U64)
+    stamps = _column(infos, info_size, ts_at, _U64)
+    lengths = _column(infos, info_size, len_at, _U16)
+    callers = _column(infos, info_size, caller_at, _U32) if caller_at is not None else None
+    levels = infos[level_at::info_size] if level_at is not None else None
     truncated = 0
     for step in range(span + 1):
         rid = (tail_id + step) & DESC_ID_MASK
         index = rid & (count - 1)
-        d, i = index * desc_size, index * info_size
-        state_var = _U64.unpack_from(descs, d + state_at)[0]
+        state_var = states[index]
         if state_var & DESC_ID_MASK != rid:
             continue                                            # a miss: the slot holds another ID
         if state_var >> DESC_FLAGS_SHIFT not in (STATE_COMMITTED, STATE_FINALIZED):
             continue                                            # being written, or its data recycled
-        begin = _U64.unpack_from(descs, d + begin_at)[0]
-        nxt = _U64.unpack_from(descs, d + next_at)[0]
-        text_len = _U16.unpack_from(infos, i + len_at)[0]
+        begin, nxt, text_len = begins[index], nexts[index], lengths[index]
         text = b""
         if not (begin & LPOS_DATALESS_BIT and nxt & LPOS_DATALESS_BIT):
             if (nxt - begin) & MASK64 > size:
@@ -182,18 +190,29 @@ def _read_lockless(mem: KernelMemory) -> KernelLog:
                 truncated += 1
             length = max(0, min(text_len, avail))
             text = data[start + BLOCK_ID_SIZE:start + BLOCK_ID_SIZE + length]
-        record = Record(seq=_U64.unpack_from(infos, i + seq_at)[0], ts_nsec=_U64.unpack_from(infos, i + ts_at)[0],
-                        text=text)
-        if level_at is not None:
-            record.level = infos[i + level_at] >> 5
-        if caller_at is not None:
-            record.caller = _caller(_U32.unpack_from(infos, i + caller_at)[0])
-        record.dictionary = _dictionary(infos, i, dict_fields)
+        record = Record(seq=seqs[index], ts_nsec=stamps[index], text=text)
+        if levels is not None:
+            record.level = levels[index] >> 5
+        if callers is not None:
+            record.caller = _caller(callers[index])
+        if dict_fields:
+            record.dictionary = _dictionary(infos, index * info_size, dict_fields)
         log.records.append(record)
     if truncated:
         log.warnings.append(f"{truncated} records are longer than their data block (text truncated)")
     log.clear_seq = _lockless_clear_seq(mem)
     return log
+
+
+def _column(array: bytes, stride: int, offset: int, kind: struct.Struct) -> list[int]:
+    """Field ``kind`` at ``offset`` of every ``stride``-byte element of ``array``."""
+    width = kind.size
+    if sys.byteorder == "little" and stride % width == 0 and offset % width == 0 and offset + width <= stride:
+        fmt: Any = kind.format[-1]                    # "Q", "I" or "H" (native = little-endian on x86-64 hosts
+        view = memoryview(array)[:len(array) - len(array) % stride or None].cast(fmt)   # and checked below)
+        values: list[int] = view[offset // width::stride // width].tolist()
+        return values
+    return [kind.unpack_from(array, at)[0] for at in range(offset, len(array) - width + 1, stride)]
 
 
 def _optional(info: Mapping[str, str], key: str) -> int | None:
@@ -222,6 +241,8 @@ def _dict_fields(info: Mapping[str, str]) -> list[tuple[str, int, int]]:
 def _dictionary(infos: bytes, base: int, fields: list[tuple[str, int, int]]) -> dict[str, str]:
     out = {}
     for name, at, size in fields:
+        if not infos[base + at]:
+            continue
         value = infos[base + at:base + at + size].partition(b"\0")[0]
         if value:
             out[name] = value.decode("ascii", "backslashreplace")
