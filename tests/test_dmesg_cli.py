@@ -172,3 +172,28 @@ def test_dmesg_reads_an_exclude_zero_core(ring_vmrs, tmp_path):
     core = tmp_path / "ez.core"
     assert run_cli(vmrs, core, "-q", "--exclude-zero").returncode == 0
     assert run_cli("dmesg", core).stdout == expected(ring)
+
+
+def test_broken_cores_and_rings_are_one_line_errors(ring_vmrs, tmp_path):
+    vmrs, _ = ring_vmrs
+    core = tmp_path / "ring.core"
+    assert run_cli(vmrs, core, "-q").returncode == 0
+    data = core.read_bytes()
+    truncated = tmp_path / "truncated.core"
+    truncated.write_bytes(data[:len(data) // 2])
+    assert_one_line_error(run_cli("dmesg", truncated), 2, "truncated.core", "past the end of the file")
+    not_core = tmp_path / "not-a-core.core"
+    not_core.write_bytes(b"\x7fELF" + bytes(60))
+    assert_one_line_error(run_cli("dmesg", not_core), 2, "not-a-core.core", "ELF64")
+    # count_bits of the ring (first field of printk_ringbuffer at printk_rb_static) set to 60.
+    from tests.fixtures.printk_writer import RB_DYNAMIC_OFFSET
+    from tests.fixtures.synthetic_guest import KERNEL_MAP_BASE
+
+    rb_pa = LINK_TEXT + KERNEL_OFFSET + RB_DYNAMIC_OFFSET - KERNEL_MAP_BASE + PHYS_BASE
+    with core.open("r+b") as f:
+        from elftools.elf.elffile import ELFFile
+
+        ram = next(s for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD" and s["p_paddr"] == 0)
+        f.seek(ram["p_offset"] + rb_pa)
+        f.write((60).to_bytes(4, "little"))
+    assert_one_line_error(run_cli("dmesg", core), 2, "implausible ring sizes")
