@@ -126,14 +126,25 @@ def test_exclude_zero_leaves_zero_runs_out(conversion: Conversion, guest: Captur
 
 # ---------------------------------------------------------------------------------------------- RAM
 
-def _pt_loads(core: Path) -> Iterator[tuple[int, int, int, int]]:
+KERNEL_MAP_BASE = 0xFFFF_FFFF_8000_0000     # __START_KERNEL_map: the kernel image's PT_LOADs alias RAM
+
+
+def _pt_loads(core: Path, image: bool = False) -> Iterator[tuple[int, int, int, int]]:
+    """RAM PT_LOADs (or, with ``image``, the kernel image's, whose p_vaddr is in the kernel map)."""
+    for paddr, vaddr, offset, filesz, memsz in _segments(core):
+        if (vaddr >= KERNEL_MAP_BASE) == image:
+            yield paddr, offset, filesz, memsz
+
+
+def _segments(core: Path) -> Iterator[tuple[int, int, int, int, int]]:
     from elftools.elf.elffile import ELFFile
 
     with core.open("rb") as f:
         elf = ELFFile(f)
         for segment in elf.iter_segments():
             if segment["p_type"] == "PT_LOAD":
-                yield segment["p_paddr"], segment["p_offset"], segment["p_filesz"], segment["p_memsz"]
+                yield (segment["p_paddr"], segment["p_vaddr"], segment["p_offset"], segment["p_filesz"],
+                       segment["p_memsz"])
 
 
 def test_every_guest_ram_byte_matches_the_ram_image(guest: Capture, conversion: Conversion) -> None:
@@ -330,3 +341,21 @@ def test_gdb_reads_the_core_by_virtual_address(lab: config.LabConfig, conversion
                "-ex", "print saved_command_line", "-ex", "print init_uts_ns.name.release")
     assert "console=ttyS0 panic=-1" in out, out
     assert f'"{guest.release}"' in out, out
+
+
+def test_kdump_style_virtual_addresses(conversion: Conversion, guest: Capture) -> None:
+    """The kernel image first, at runtime _text (SYMBOL(_stext) of the guest's own note), then RAM at one
+    direct-map base: the layout /proc/vmcore has."""
+    from scripts.lab.vmcoreinfo_scan import find_vmcoreinfo
+
+    text = find_vmcoreinfo(guest.ram, guest.release).decode()
+    stext = int(re.search(r"^SYMBOL\(_stext\)=([0-9a-f]+)$", text, re.M).group(1), 16)  # type: ignore[union-attr]
+    phys_base = int(re.search(r"^NUMBER\(phys_base\)=(-?[0-9]+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    segments = list(_segments(conversion.core))
+    image = [s for s in segments if s[1] >= KERNEL_MAP_BASE]
+    ram = [s for s in segments if s[1] < KERNEL_MAP_BASE]
+    assert image and segments[:len(image)] == image
+    assert image[0][1] == stext and image[0][0] == stext - KERNEL_MAP_BASE + phys_base
+    assert all(vaddr - image[0][1] == paddr - image[0][0] for paddr, vaddr, *_ in image)
+    bases = {vaddr - paddr for paddr, vaddr, *_ in ram}
+    assert len(bases) == 1 and (bases.pop() >> 47) == 0x1FFFF     # one base, in the kernel half
