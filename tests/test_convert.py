@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from tests.fixtures.synthetic_guest import SyntheticGuest, build_guest
+from tests.fixtures.synthetic_guest import IMAGE_SIZE, KERNEL_MAP_BASE, SyntheticGuest, build_guest
 from tests.test_reader import make_vp, two_ranges
 from tests.vmrs_writer import WriterOptions, write_vmrs
 from vm2core.core import elf
@@ -88,13 +88,22 @@ def check_core(core: bytes, guest: SyntheticGuest, *, with_vmcoreinfo: bool = Tr
         ("ET_CORE", "EM_X86_64", 64, 56, 64)
     segs = list(f.iter_segments())
     assert segs[0]["p_type"] == "PT_NOTE" and segs[0]["p_align"] == 0
-    loads = segs[1:]
-    assert all(s["p_type"] == "PT_LOAD" for s in loads)
+    assert all(s["p_type"] == "PT_LOAD" for s in segs[1:])
+    # kdump-style (/proc/vmcore): first the kernel image at its runtime address, then RAM in the direct map.
+    image = [s for s in segs[1:] if s["p_vaddr"] >= KERNEL_MAP_BASE]
+    loads = segs[1 + len(image):]
     first_data = min(s["p_offset"] for s in loads)
     assert segs[0]["p_offset"] + segs[0]["p_filesz"] <= first_data
     assert [(s["p_paddr"], s["p_memsz"]) for s in loads] == list(guest.ram.ranges)
+    if with_vmcoreinfo:
+        assert [(s["p_vaddr"], s["p_paddr"], s["p_memsz"], s["p_align"]) for s in image] == \
+            [(guest.truth.text_va, guest.truth.text_pa, IMAGE_SIZE, 0)]
+        assert image[0].data() == guest.ram.read(guest.truth.text_pa, IMAGE_SIZE)
+    else:
+        assert image == []
     for s in loads:
-        assert s["p_vaddr"] == s["p_paddr"] and s["p_align"] == 0 and s["p_filesz"] == s["p_memsz"]
+        vaddr = guest.truth.page_offset + s["p_paddr"] if with_vmcoreinfo else s["p_paddr"]
+        assert s["p_vaddr"] == vaddr and s["p_align"] == 0 and s["p_filesz"] == s["p_memsz"]
         assert s["p_offset"] % PAGE == s["p_paddr"] % PAGE
         assert s.data() == guest.ram.read(s["p_paddr"], s["p_memsz"]), f"PT_LOAD at {s['p_paddr']:#x} differs"
     assert len(core) == max(s["p_offset"] + s["p_filesz"] for s in loads)

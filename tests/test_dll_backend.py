@@ -160,7 +160,8 @@ def test_memory_is_read_in_large_chunks_in_order(fake_dll: Path, inputs: dict[st
     streamed = [(gpa, size) for gpa, size in reads if size >= MIB or any(gpa + size == s + n for s, n in RANGES)]
     assert sum(size for _, size in streamed) == total
     assert streamed == sorted(streamed) and len(big) == total // MIB
-    assert len(small) < 200                 # page-table walks of the VMCOREINFO validation only
+    # page-table walks only (VMCOREINFO validation, the kernel map for p_vaddr): few bytes, never RAM data
+    assert len(small) < 1000 and sum(size for _, size in small) < 64 * 1024
     assert calls[-1].startswith("Release")  # the handle is released
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from tests.fixtures.synthetic_guest import SparseRam, SyntheticGuest, build_guest
+from tests.fixtures.synthetic_guest import IMAGE_SIZE, KERNEL_MAP_BASE, SparseRam, SyntheticGuest, build_guest
 from tests.test_convert import MemorySink, check_prstatus
 from tests.test_reader import make_vp
 from tests.vmrs_writer import WriterOptions, write_vmrs
@@ -79,12 +79,22 @@ def _loads(core: bytes) -> list[dict[str, int]]:
 def _check_core(core: bytes, guest: SyntheticGuest) -> list[tuple[int, int]]:
     """Everything crash and drgn rely on; returns the excluded runs (zero tails)."""
     loads = _loads(core)
+    image = [ld for ld in loads if ld["p_vaddr"] >= KERNEL_MAP_BASE]
+    loads = loads[len(image):]
     assert len(loads) >= 2
     first_data = min(ld["p_offset"] for ld in loads if ld["p_filesz"])
+    # The kernel image at its runtime address, cut along the RAM segments (kdump style), sharing their bytes.
+    t = guest.truth
+    assert [(ld["p_vaddr"] - t.text_va, ld["p_paddr"] - t.text_pa) for ld in image] == \
+        [(ld["p_paddr"] - t.text_pa,) * 2 for ld in image]
+    assert image[0]["p_paddr"] == t.text_pa and sum(ld["p_memsz"] for ld in image) == IMAGE_SIZE
+    for ld in image:
+        stored = core[ld["p_offset"]:ld["p_offset"] + ld["p_filesz"]] if ld["p_filesz"] else b""
+        assert stored + bytes(ld["p_memsz"] - ld["p_filesz"]) == guest.ram.read(ld["p_paddr"], ld["p_memsz"])
     tails = []
     for ld in loads:
         paddr, filesz, memsz = ld["p_paddr"], ld["p_filesz"], ld["p_memsz"]
-        assert ld["p_vaddr"] == paddr and ld["p_align"] == 0
+        assert ld["p_vaddr"] == t.page_offset + paddr and ld["p_align"] == 0
         assert paddr % PAGE == 0 and filesz % PAGE == 0 and memsz % PAGE == 0 and filesz <= memsz
         if filesz:
             assert ld["p_offset"] % PAGE == paddr % PAGE and ld["p_offset"] >= first_data

@@ -52,6 +52,7 @@ Examples:
   vm2core info GUEST.vmrs
   vm2core list DIR                      (on Windows: vm2core list)
   vm2core --vm "web 01" --checkpoint before-upgrade web01.core
+  vm2core dmesg GUEST.vmrs                (or GUEST.core)
 \b
 Windows PowerShell 5.1 corrupts binary data in pipes and > redirections: write to an OUTPUT file,
 use --ssh, or run the pipe in cmd: cmd /c "vm2core x.vmrs - | zstd > x.zst" (PowerShell >= 7.4 is
@@ -125,6 +126,7 @@ def main() -> None:
     vm2core INPUT OUTPUT        convert (OUTPUT "-" = standard output, /dev/null = dry run)
     vm2core X.vsv X.bin OUTPUT  convert a legacy pair (through Microsoft's DLL)
     vm2core info INPUT          describe the saved state and the guest kernel in it
+    vm2core dmesg INPUT         print the guest kernel log (INPUT: saved state or ELF core)
     vm2core inspect INPUT       list the raw keys of any HyperVStorage file (a page census of others)
     vm2core list [DIR]          list the VMs and checkpoints of a Hyper-V host (or a copied folder)
     vm2core --vm NAME OUTPUT    convert a VM's saved state found by name (--checkpoint NAME too)
@@ -431,13 +433,19 @@ def _write_digest_file(target: Path, core: Path, digest: str, *, force: bool) ->
 @click.option("--salvage-report", "salvage_report", type=click.Path(path_type=Path), metavar="FILE",
               help="With --salvage: also write the list of losses as JSON to FILE.")
 @click.option("-f", "--force", is_flag=True, help="Replace an existing --salvage-report FILE.")
+@click.option("--log-lines", type=click.IntRange(min=0), default=10, show_default=True, metavar="N",
+              help="Show the last N lines of the guest kernel log (0: none).")
 @_backend_options
 @_vm_options
 def info(input_paths: tuple[Path, ...], as_json: bool, no_scan: bool, progress: bool | None, salvage: bool,
-         salvage_report: Path | None, force: bool, backend: str, dll: Path | None, vm: str | None,
-         checkpoint: str | None, dirs: tuple[Path, ...]) -> None:
+         salvage_report: Path | None, force: bool, log_lines: int, backend: str, dll: Path | None,
+         vm: str | None, checkpoint: str | None, dirs: tuple[Path, ...]) -> None:
     """Describe a saved state (a .vmrs, or a .vsv and its .bin): VM, CPUs, memory ranges and the guest
-    kernel found in memory."""
+    kernel found in memory.
+
+    With the kernel found, also the last lines of its log, and a one-line summary at the top when
+    the log holds an oops, panic, BUG, soft/hard lockup or hung-task report.
+    """
     if len(input_paths) > 2:
         raise click.UsageError("give one .vmrs, or a .vsv and its .bin")
     if input_paths and vm is not None:
@@ -447,7 +455,7 @@ def info(input_paths: tuple[Path, ...], as_json: bool, no_scan: bool, progress: 
     def run() -> None:
         inputs = list(input_paths) or [_pick_input(None, vm, checkpoint, dirs)]
         _info(inputs, as_json, not no_scan, progress, backend, dll, salvage=salvage, salvage_report=salvage_report,
-              force=force)
+              force=force, log_lines=log_lines)
 
     _run(run)
 
@@ -478,14 +486,14 @@ def _list(dirs: tuple[Path, ...], as_json: bool) -> None:
 
 def _info(inputs: list[Path], as_json: bool, scan: bool, progress: bool | None, backend: Any = "auto",
           dll: Path | None = None, *, salvage: bool = False, salvage_report: Path | None = None,
-          force: bool = False) -> None:
+          force: bool = False, log_lines: int = 10) -> None:
     from vm2core.info import describe
 
     _check_salvage_options(salvage, salvage_report)
     rep = _Reporter(False, progress)
     _refuse_existing_report(salvage_report, force)
     with open_saved_state(inputs, backend=backend, dll=dll, warn=rep.warn, salvage=salvage) as state:
-        report = describe(state, rep.progress, scan=scan)
+        report = describe(state, rep.progress, scan=scan, log_lines=log_lines)
         losses = state.salvage_report() if salvage else None
     if losses is not None:
         report["salvage"] = losses.as_json()
@@ -498,13 +506,15 @@ def _info(inputs: list[Path], as_json: bool, scan: bool, progress: bool | None, 
 
 
 def render_info(r: dict[str, Any]) -> str:
+    klog = r.get("kernel_log") or {}
+    lines = [f"PROBLEM in kernel log: {klog['summary']}"] if klog.get("summary") else []
     if "dll" in r:       # read through Microsoft's DLL: no container details, no encodings
-        lines = [f"file:              {f['path']} ({human_bytes(f['size'])})" for f in r["files"]]
+        lines += [f"file:              {f['path']} ({human_bytes(f['size'])})" for f in r["files"]]
         lines += [f"backend:           {r['dll']} (Microsoft's DLL)",
                   f"processors:        {r['vp_count']} x {r['architecture']}"]
     else:
         c = r["container"]
-        lines = [
+        lines += [
             f"file:              {r['file']} ({human_bytes(r['file_size'])})",
             f"container:         HyperVStorage {c['format_version']}, header copy {c['header_copy']} "
             f"(sequence {c['sequence']}), {c['keys']} keys in {c['key_tables']} key tables",
@@ -549,6 +559,8 @@ def render_info(r: dict[str, Any]) -> str:
         else:
             lines.append("guest kernel:      not found")
         lines += [f"  {reason}" for reason in r.get("guest_kernel_reasons", []) if not k]
+    if klog:
+        lines.append(_render_log(klog))
     return "\n".join(lines)
 
 
@@ -585,6 +597,78 @@ def _finish_salvage(report: SalvageReport, report_file: Path | None, what: str) 
                           f"{len(report.ranges)} range(s) unreadable (zeros in the core), "
                           f"{len(report.vps)} vCPU(s) without registers"
                           + (f"; report in {report_file}" if report_file is not None else ""))
+
+
+def _render_log(klog: dict[str, Any]) -> str:
+    if klog.get("error"):
+        return f"kernel log:        not readable: {klog['error']}"
+    head = (f"kernel log:        {klog['records']} records ({klog['format']})"
+            + (f", last {len(klog['last_lines'])} lines:" if klog["last_lines"] else ""))
+    return "\n".join([head, *(f"  {line}" for line in klog["last_lines"])])
+
+
+@main.command()
+@click.argument("input_paths", metavar="INPUT [INPUT2]", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per record and line: seq, ts_nsec, level, caller, text, dictionary.")
+@click.option("--tail", type=click.IntRange(min=0), default=None, metavar="N", help="Only the last N records.")
+@click.option("--since-clear", is_flag=True, help="Only records after the last `dmesg -c` (clear_seq).")
+@click.option("--progress/--no-progress", default=None, help="Show progress of the VMCOREINFO search on stderr.")
+@click.option("-v", "--verbose", is_flag=True, help="Also say on stderr how much guest memory was read.")
+@_backend_options
+@_vm_options
+def dmesg(input_paths: tuple[Path, ...], as_json: bool, tail: int | None, since_clear: bool, progress: bool | None,
+          verbose: bool, backend: str, dll: Path | None, vm: str | None, checkpoint: str | None,
+          dirs: tuple[Path, ...]) -> None:
+    """Print the guest kernel log of INPUT (a saved state, or an ELF core such as one vm2core wrote).
+
+    Lines as vmcore-dmesg prints them ("[%5lu.%06lu] text"; bytes that are neither printable
+    nor white space as \\xNN). No vmlinux is needed: the log is found from the guest's VMCOREINFO
+    note alone (lockless ring of 5.10+, structured log of 3.5-5.9, or the older character buffer).
+    Exit code 2 when there is no VMCOREINFO, the kernel has no printk buffer (CONFIG_PRINTK=n),
+    or a key the log needs is missing.
+    """
+    if len(input_paths) > 2:
+        raise click.UsageError("give one saved state or core, or a .vsv and its .bin")
+    if input_paths and vm is not None:
+        raise click.UsageError("give INPUT or --vm, not both")
+    _vm_arguments(input_paths[0] if input_paths else None, None, vm, checkpoint)
+
+    def run() -> None:
+        inputs = list(input_paths) or [_pick_input(None, vm, checkpoint, dirs)]
+        _dmesg(inputs, as_json, tail, since_clear, progress, verbose, backend, dll)
+
+    _run(run)
+
+
+def _dmesg(inputs: list[Path], as_json: bool, tail: int | None, since_clear: bool, progress: bool | None,
+           verbose: bool, backend: Any = "auto", dll: Path | None = None) -> None:
+    from vm2core.dmesg import read_kernel_log
+    from vm2core.guest.printk import format_log, record_json
+
+    rep = _Reporter(False, progress)
+    input_path = inputs[0]
+    source = read_kernel_log(inputs, rep.progress, backend=backend, dll=dll, warn=rep.warn)
+    log = source.log
+    for warning in log.warnings:
+        rep.warn(f"{input_path}: kernel log: {warning}")
+    records = log.since_clear() if since_clear else log.records
+    if tail is not None:
+        records = records[len(records) - tail:] if tail else []
+    out = sys.stdout.buffer
+    if as_json:
+        out.write(b"".join(json.dumps(record_json(r)).encode() + b"\n" for r in records))
+    elif log.raw is not None:                  # legacy buffer: its characters as they are (no clear point)
+        lines = log.raw.splitlines(keepends=True)
+        out.write(b"".join(lines if tail is None else lines[len(lines) - tail:] if tail else []))
+    else:
+        out.write(format_log(log, records))
+    out.flush()
+    if verbose:
+        rep.say(f"{log.kind} log of Linux {source.osrelease}: {len(log.records)} records; read "
+                f"{human_bytes(source.search_bytes + source.log_bytes)} of guest memory "
+                f"({human_bytes(source.search_bytes)} searching for VMCOREINFO, "
+                f"{human_bytes(source.log_bytes)} for page tables and the log)")
 
 
 @main.command()

@@ -58,11 +58,12 @@ def memory_statistics(state: SavedState, progress: Progress, *, zero_pages: bool
             "zero_share": zero / total if total else 0.0, "zero_pages": zero // PAGE_SIZE}
 
 
-def describe(state: SavedStateFace, progress: Progress | None = None, *, scan: bool = True) -> dict[str, Any]:
+def describe(state: SavedStateFace, progress: Progress | None = None, *, scan: bool = True,
+             log_lines: int = 10) -> dict[str, Any]:
     progress = progress or Progress()
     report = _describe_native(state, progress, scan) if isinstance(state, SavedState) else _describe_other(state)
     if scan:
-        _describe_kernel(state, progress, report)
+        _describe_kernel(state, progress, report, log_lines)
     return report
 
 
@@ -125,7 +126,7 @@ def _describe_native(state: SavedState, progress: Progress, scan: bool) -> dict[
     return report
 
 
-def _describe_kernel(state: SavedStateFace, progress: Progress, report: dict[str, Any]) -> None:
+def _describe_kernel(state: SavedStateFace, progress: Progress, report: dict[str, Any], log_lines: int) -> None:
     search = find_kernel(state, progress, stop_early=False)
     selection = search.selection
     k = selection.kernel
@@ -141,3 +142,7 @@ def _describe_kernel(state: SavedStateFace, progress: Progress, report: dict[str
     report["guest_kernel_reasons"] = selection.reasons
     report["scanned_bytes"] = search.scanned_bytes
     report["candidates_dropped"] = search.dropped
+    if k is not None:
+        from vm2core.dmesg import log_report
+
+        report["kernel_log"] = log_report(state, k, log_lines)

@@ -15,7 +15,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tests.fixtures.synthetic_guest import SyntheticGuest, build_guest
+from tests.fixtures.printk_writer import PRINTK_KEYS, LocklessRing
+from tests.fixtures.synthetic_guest import LINK_TEXT, SyntheticGuest, build_guest, vmcoreinfo_text
 from tests.fixtures.xpress_compress import compress
 from tests.vmrs_writer import RangeSpec
 from tests.vmrs_writer.ramblock import (
@@ -152,10 +153,31 @@ def records_encoder(pool: PagePool) -> Callable[[int, bytes], bytes]:
     return encode
 
 
+KERNEL_OFFSET = 0x1E200000                 # build_guest's default: the image at 80..112 MiB
+LOG_ARRAYS_PA = 0x7000000                  # the printk ring's arrays (log_buf_len=1M), right after the image
+LOG_RECORDS = 40000                        # ~2.5 wraps of the 1 MiB data ring
+
+
+def kernel_log(seed: int) -> LocklessRing:
+    """A 1 MiB lockless ring (log_buf_len=1M: 32768 descriptors) written by the kernel's writer model."""
+    rng = random.Random(seed)
+    ring = LocklessRing(count_bits=15, size_bits=20)
+    for n in range(LOG_RECORDS):
+        words = b" ".join(rng.choice(WORDS) for _ in range(rng.randrange(3, 14)))
+        ring.log(b"%s: %s" % (rng.choice(WORDS), words), ts=n * 2_500_000 + rng.randrange(1000),
+                 caller_id=rng.randrange(1, 5000))
+    return ring
+
+
 def bench_guest(size: int, shape: GuestShape, *, seed: int = 1) -> tuple[list[RangeSpec], SyntheticGuest,
                                                                           GeneratedRam]:
-    """One RAM range at GPA 0 of ``size`` bytes with the synthetic kernel in its low 64 MiB."""
-    guest = build_guest(ram_size=size, n_vcpus=2, seed=seed)
+    """One RAM range at GPA 0 of ``size`` bytes with the synthetic kernel (and its log) in low memory."""
+    ring = kernel_log(seed)
+    printk_keys = frozenset(line.partition("=")[0] for line in vmcoreinfo_text("x", 0, 0).decode().splitlines()
+                            if any(word in line.partition("=")[0] for word in PRINTK_KEYS))
+    guest = build_guest(ram_size=size, n_vcpus=2, seed=seed, kernel_offset=KERNEL_OFFSET, omit_keys=printk_keys,
+                        extra_vmcoreinfo=ring.vmcoreinfo(LINK_TEXT + KERNEL_OFFSET))
+    ring.place(guest, LOG_ARRAYS_PA)
     ram = GeneratedRam(size, shape, PagePool(seed), guest, seed)
     spec = RangeSpec(gpa_start=0, page_count=size // PAGE, read=ram.read,
                      omit_zero_blocks=shape.data_gib is not None)

@@ -8,6 +8,7 @@ everything crash needs.
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -131,14 +132,25 @@ def test_exclude_zero_leaves_zero_runs_out(conversion: Conversion, guest: Captur
 
 # ---------------------------------------------------------------------------------------------- RAM
 
-def _pt_loads(core: Path) -> Iterator[tuple[int, int, int, int]]:
+KERNEL_MAP_BASE = 0xFFFF_FFFF_8000_0000     # __START_KERNEL_map: the kernel image's PT_LOADs alias RAM
+
+
+def _pt_loads(core: Path, image: bool = False) -> Iterator[tuple[int, int, int, int]]:
+    """RAM PT_LOADs (or, with ``image``, the kernel image's, whose p_vaddr is in the kernel map)."""
+    for paddr, vaddr, offset, filesz, memsz in _segments(core):
+        if (vaddr >= KERNEL_MAP_BASE) == image:
+            yield paddr, offset, filesz, memsz
+
+
+def _segments(core: Path) -> Iterator[tuple[int, int, int, int, int]]:
     from elftools.elf.elffile import ELFFile
 
     with core.open("rb") as f:
         elf = ELFFile(f)
         for segment in elf.iter_segments():
             if segment["p_type"] == "PT_LOAD":
-                yield segment["p_paddr"], segment["p_offset"], segment["p_filesz"], segment["p_memsz"]
+                yield (segment["p_paddr"], segment["p_vaddr"], segment["p_offset"], segment["p_filesz"],
+                       segment["p_memsz"])
 
 
 def test_every_guest_ram_byte_matches_the_ram_image(guest: Capture, conversion: Conversion) -> None:
@@ -308,3 +320,109 @@ def test_drgn_stack_trace_per_cpu(our_drgn: dict[str, Any], qemu_drgn: dict[str,
         assert ours == qemu_drgn["cpus"][str(vcpu["index"])]
         if kernel_mode(vcpu):
             assert ours["frames"][0]["pc"] == vcpu["regs"]["rip"]
+
+
+# ---------------------------------------------------------------------------------------------- dmesg
+# `vm2core dmesg` against the real readers of the kernel log, each after a documented normalisation
+# (docs/dmesg.md §3.5, §6; README "Kernel log"):
+#   vmcore-dmesg (kexec-tools 2.0.25): none; it needs the core's kdump-style p_vaddr.
+#   makedumpfile --dump-dmesg (1.7.2): it skips data-less records (ours print "[ts] "), escapes a byte >= 0x80
+#     as a sign-extended \xffffffNN, and indents continuation lines; it reads by page tables, not p_vaddr.
+#   crash `log`: a non-printable byte is ".", a data-less record is an empty line, continuation lines indented.
+
+_DATALESS = re.compile(rb"^\[\s*\d+\.\d{6}\] $", re.M)
+_ESCAPE = re.compile(rb"\\x[0-9a-f]{2}")
+
+
+def _dmesg(path: Path) -> bytes:
+    proc = subprocess.run([sys.executable, "-m", "vm2core", "dmesg", str(path)], cwd=REPO_ROOT, capture_output=True,
+                          timeout=CLI_TIMEOUT_SECONDS)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    return proc.stdout
+
+
+def _unindent(text: bytes) -> list[bytes]:
+    return [line if line.startswith(b"[") else line.lstrip() for line in text.splitlines()]
+
+
+@pytest.fixture(scope="session")
+def our_dmesg(conversion: Conversion) -> bytes:
+    return _dmesg(conversion.core)
+
+
+def test_dmesg_shows_the_marker_and_agrees_between_vmrs_and_core(conversion: Conversion, our_dmesg: bytes,
+                                                                 guest: Capture) -> None:
+    from_vmrs = _dmesg(conversion.vmrs)
+    assert from_vmrs == our_dmesg
+    assert re.search(rb"^\[\s*\d+\.\d{6}\] " + re.escape(guest.marker.encode()) + rb"$", our_dmesg, re.M), \
+        our_dmesg[-2000:]
+    assert our_dmesg.startswith(b"[    0.000000] Linux version ")
+
+
+def test_dmesg_equals_vmcore_dmesg(conversion: Conversion, our_dmesg: bytes) -> None:
+    proc = subprocess.run(["vmcore-dmesg", str(conversion.core)], capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert proc.stdout == our_dmesg
+
+
+def test_dmesg_equals_makedumpfile(conversion: Conversion, our_dmesg: bytes, tmp_path: Path) -> None:
+    out = tmp_path / "makedumpfile-dmesg.txt"
+    proc = subprocess.run(["makedumpfile", "--dump-dmesg", str(conversion.core), str(out)], capture_output=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+    theirs = re.sub(rb"\\xffffff([0-9a-f]{2})", rb"\\x\1", out.read_bytes())
+    ours = b"".join(line for line in our_dmesg.splitlines(keepends=True) if not _DATALESS.match(line))
+    assert _unindent(theirs) == _unindent(ours)
+
+
+def test_dmesg_equals_crash_log(our_crash: dict[str, str], our_dmesg: bytes) -> None:
+    ours = _ESCAPE.sub(b".", _DATALESS.sub(b"", our_dmesg))
+    theirs = our_crash["log"].encode()
+    assert _unindent(theirs.rstrip(b"\n")) == _unindent(ours.rstrip(b"\n"))
+
+
+def _kernel_offset(guest: Capture) -> int:
+    from scripts.lab.vmcoreinfo_scan import find_vmcoreinfo
+
+    text = find_vmcoreinfo(guest.ram, guest.release).decode()
+    found = re.search(r"^KERNELOFFSET=([0-9a-f]+)$", text, re.M)
+    return int(found.group(1), 16) if found else 0
+
+
+def _gdb(*args: str) -> str:
+    proc = subprocess.run(["gdb", "-nx", "-batch", *args], capture_output=True, text=True, errors="replace",
+                          timeout=600)
+    return proc.stdout + proc.stderr
+
+
+def test_gdb_reads_the_core_by_virtual_address(lab: config.LabConfig, conversion: Conversion,
+                                               guest: Capture) -> None:
+    # The issue's command. (Alone it proves little: gdb falls back to vmlinux's own .data, whose static
+    # init_uts_ns holds the release too.)
+    literal = _gdb(str(lab.vmlinux), str(conversion.core), "-ex", "print init_uts_ns.name.release")
+    assert f'"{guest.release}"' in literal, literal
+    # Only the core can answer this: the kernel image at its runtime address (symbols moved by KERNELOFFSET,
+    # no exec file to fall back to) holds saved_command_line, which points into the direct map.
+    offset = _kernel_offset(guest)
+    out = _gdb("-ex", f"symbol-file -o {offset:#x} {lab.vmlinux}", "-ex", f"core-file {conversion.core}",
+               "-ex", "print saved_command_line", "-ex", "print init_uts_ns.name.release")
+    assert "console=ttyS0 panic=-1" in out, out
+    assert f'"{guest.release}"' in out, out
+
+
+def test_kdump_style_virtual_addresses(conversion: Conversion, guest: Capture) -> None:
+    """The kernel image first, at runtime _text (SYMBOL(_stext) of the guest's own note), then RAM at one
+    direct-map base: the layout /proc/vmcore has."""
+    from scripts.lab.vmcoreinfo_scan import find_vmcoreinfo
+
+    text = find_vmcoreinfo(guest.ram, guest.release).decode()
+    stext = int(re.search(r"^SYMBOL\(_stext\)=([0-9a-f]+)$", text, re.M).group(1), 16)  # type: ignore[union-attr]
+    phys_base = int(re.search(r"^NUMBER\(phys_base\)=(-?[0-9]+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    segments = list(_segments(conversion.core))
+    image = [s for s in segments if s[1] >= KERNEL_MAP_BASE]
+    ram = [s for s in segments if s[1] < KERNEL_MAP_BASE]
+    assert image and segments[:len(image)] == image
+    assert image[0][1] == stext and image[0][0] == stext - KERNEL_MAP_BASE + phys_base
+    assert all(vaddr - image[0][1] == paddr - image[0][0] for paddr, vaddr, *_ in image)
+    bases = {vaddr - paddr for paddr, vaddr, *_ in ram}
+    assert len(bases) == 1 and (bases.pop() >> 47) == 0x1FFFF     # one base, in the kernel half

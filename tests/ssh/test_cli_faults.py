@@ -6,6 +6,7 @@ locally, and never leaves a file under the final remote name.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,9 +46,17 @@ def _start(home: ClientHome, workdir: Path, *args: str) -> subprocess.Popen[byte
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def _wait_for_partial(partial: Path, proc: subprocess.Popen[bytes], size: int) -> None:
+def _partials(remote_dir: Path, name: str) -> list[Path]:
+    """The upload's partial files: ``NAME.<hex>.partial`` (a unique name per upload)."""
+    return [p for p in remote_dir.iterdir() if re.fullmatch(re.escape(name) + r"\.[0-9a-f]+\.partial", p.name)]
+
+
+def _wait_for_partial(remote_dir: Path, name: str, proc: subprocess.Popen[bytes], size: int) -> Path:
     deadline = time.monotonic() + 60
-    while not (partial.exists() and partial.stat().st_size >= size):
+    while True:
+        found = [p for p in _partials(remote_dir, name) if p.stat().st_size >= size]
+        if found:
+            return found[0]
         assert proc.poll() is None, "vm2core ended before the upload was under way"
         assert time.monotonic() < deadline, "the upload never got under way"
         time.sleep(0.002)
@@ -66,11 +75,10 @@ def _finish(proc: subprocess.Popen[bytes]) -> str:
 def test_connection_killed_mid_upload(sshd: SshServer, client_home: ClientHome, remote_dir: Path,
                                       tmp_path: Path, busy_vmrs: Path) -> None:
     target = remote_dir / "x.core"
-    partial = remote_dir / "x.core.partial"
     local = tmp_path / "cwd"
     local.mkdir()
     proc = _start(client_home, local, str(busy_vmrs), "--ssh", f"testbox:{target}")
-    _wait_for_partial(partial, proc, 8 * MIB)
+    partial = _wait_for_partial(remote_dir, "x.core", proc, 8 * MIB)
     pids = sshd.connection_pids()
     assert pids, "the connection's sshd processes should be visible"
     for pid in pids:
@@ -80,21 +88,20 @@ def test_connection_killed_mid_upload(sshd: SshServer, client_home: ClientHome, 
     assert proc.returncode == EXIT_OUTPUT, err
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("vm2core: "), err
-    assert "x.core.partial" in lines[0], err          # the user is told which remote partial file remains
+    assert partial.name in lines[0], err              # the user is told which remote partial file remains
     assert not target.exists()                         # never a file under the final name
     assert list(local.iterdir()) == []                 # nothing staged locally
     # With the server gone, nobody can remove the partial file; it never took the final name.
-    assert [p.name for p in remote_dir.iterdir()] in ([], ["x.core.partial"])
+    assert [p.name for p in remote_dir.iterdir()] in ([], [partial.name])
 
 
 def test_ctrl_c_mid_upload(sshd: SshServer, client_home: ClientHome, remote_dir: Path, tmp_path: Path,
                            busy_vmrs: Path) -> None:
     target = remote_dir / "x.core"
-    partial = remote_dir / "x.core.partial"
     local = tmp_path / "cwd"
     local.mkdir()
     proc = _start(client_home, local, str(busy_vmrs), "--ssh", f"testbox:{target}")
-    _wait_for_partial(partial, proc, 8 * MIB)
+    _wait_for_partial(remote_dir, "x.core", proc, 8 * MIB)
     os.kill(proc.pid, signal.SIGINT)
     err = _finish(proc)
     assert "Traceback" not in err, err

@@ -24,6 +24,7 @@ from vm2core.core.pipeline import BlockDecoder, BlockSlice, BufferPool, decode_i
 from vm2core.core.scanning import SCAN_QUEUE_DEPTH, BackgroundScan, InputWindows, feed_scanner, hint_sequential
 from vm2core.core.zeros import ZeroMap, zero_map
 from vm2core.errors import FormatError, UnsupportedError
+from vm2core.guest.kernelmap import KernelMap, map_kernel
 from vm2core.guest.vmcoreinfo import KernelSelector, Selection, VmcoreinfoScanner
 from vm2core.reader.backend import SavedStateFace as SavedState  # any backend: native or DLL
 from vm2core.reader.memory import Data, FileSpan, MemoryRange, Zeros
@@ -54,6 +55,7 @@ class ConversionResult:
     prescan_bytes: int = 0
     warnings: list[str] = field(default_factory=list)
     excluded_bytes: int = 0       # zero bytes left out of the file by exclude_zero
+    kernel_map: KernelMap | None = None   # kdump-style p_vaddr when known
 
 
 def memory_loads(state: SavedState) -> list[LoadRange]:
@@ -255,15 +257,21 @@ def convert(state: SavedState, sink: Sink, *, progress: Progress | None = None,
                                                           dropped=dropped)
         else:
             selection = Selection(None, ["the VMCOREINFO search was skipped"])
+        kernel_map, map_problem = _kernel_map(state, selection)
         if selection.kernel is not None:
-            sink.patch(0, layout.header(selection.kernel.note))
-            layout = plan_core(loads, vps, vmcoreinfo_note=selection.kernel.note, reserve_vmcoreinfo=True)
+            # The planner rewrites the whole header (note and p_vaddr); memory does not move.
+            planned = layout
+            layout = plan_core(loads, vps, vmcoreinfo_note=selection.kernel.note, reserve_vmcoreinfo=True,
+                               kernel_map=kernel_map)
+            assert layout.data_offset == planned.data_offset
+            sink.patch(0, layout.header())
     else:
         search = find_kernel(state, progress, loads=loads, workers=workers)
         selection, prescan, dropped = search.selection, search.scanned_bytes, search.dropped
         note = selection.kernel.note if selection.kernel else None
+        kernel_map, map_problem = _kernel_map(state, selection)
         # Same room as on a seekable sink, so a pipe and a file get byte-identical cores.
-        layout = plan_core(loads, vps, vmcoreinfo_note=note, reserve_vmcoreinfo=True)
+        layout = plan_core(loads, vps, vmcoreinfo_note=note, reserve_vmcoreinfo=True, kernel_map=kernel_map)
         sink.write(layout.header())
         _stream_memory(state, sink, layout, loads, progress, None, workers)
     if sink.position != layout.total_size:
@@ -278,7 +286,21 @@ def convert(state: SavedState, sink: Sink, *, progress: Progress | None = None,
         if zeros is not None and zeros.excluded_bytes:
             warnings.append("zero pages were excluded but the core has no VMCOREINFO note: drgn reads "
                             "them as zeros only when it has VMCOREINFO (crash always does)")
+    elif kernel_map is not None and sum(i.memsz for i in layout.image_segments) < kernel_map.image_size:
+        warnings.append("the kernel image is split into more pieces than the header has room for: "
+                        "its last part has no virtual-address PT_LOAD")
+    elif kernel_map is None:
+        warnings.append(f"kernel virtual addresses not established ({map_problem}): the PT_LOADs carry "
+                        "p_vaddr = p_paddr, so gdb and vmcore-dmesg cannot read this core (crash, drgn and "
+                        "makedumpfile can)")
     for w in warnings:
         warn(w)
     return ConversionResult(layout, selection, sink.position, prescan, warnings,
-                            excluded_bytes=zeros.excluded_bytes if zeros else 0)
+                            excluded_bytes=zeros.excluded_bytes if zeros else 0, kernel_map=kernel_map)
+
+
+def _kernel_map(state: SavedState, selection: Selection) -> tuple[KernelMap | None, str]:
+    """page_offset_base and the image, read through the guest's page tables (a few KiB of reads)."""
+    if selection.kernel is None:
+        return None, "no VMCOREINFO"
+    return map_kernel(state, selection.kernel)

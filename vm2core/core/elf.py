@@ -52,6 +52,8 @@ QEMU_HEADER = struct.Struct("<II")
 QEMU_GP = struct.Struct(f"<{len(QEMU_GP_ORDER)}Q")
 QEMU_CR = struct.Struct("<5Q")                 # cr0..cr4
 
+VMCOREINFO_NAME = b"VMCOREINFO"                # the note's name (linux: kernel/vmcore_info.c)
+
 
 def pad4(n: int) -> int:
     return (n + 3) & ~3

@@ -75,12 +75,14 @@ def is_canonical(va: int, levels: int) -> bool:
 class AddressSpace:
     """One set of page tables (a CR3/CR4 pair) over guest-physical memory."""
 
-    def __init__(self, memory: PhysicalMemory, cr3: int, cr4: int = 0) -> None:
+    def __init__(self, memory: PhysicalMemory, cr3: int, cr4: int = 0, *, sme_mask: int = 0) -> None:
         self.memory = memory
         self.cr3 = cr3
         self.cr4 = cr4
         self.root = page_table_root(cr3)
         self.levels = paging_levels(cr4)
+        # AMD SME/SEV: the encryption bit (NUMBER(sme_mask)) is set in entries; it is no address bit.
+        self.address_mask = ADDRESS_MASK & ~sme_mask
 
     @classmethod
     def of_vp(cls, memory: PhysicalMemory, vp: VpState) -> AddressSpace:
@@ -101,16 +103,23 @@ class AddressSpace:
                 raise TranslationError(va, f"{LEVEL_NAMES[level]} entry {index} not present")
             page_size = 1 << shift
             if level == 1 or (entry & ENTRY_PAGE_SIZE and level in LARGE_PAGE_LEVELS):
-                frame = entry & ADDRESS_MASK & ~(page_size - 1)
+                frame = entry & self.address_mask & ~(page_size - 1)
                 return Translation(frame | (va & (page_size - 1)), page_size)
             if entry & ENTRY_PAGE_SIZE:
                 raise TranslationError(va, f"{LEVEL_NAMES[level]} entry {index} has the reserved PS bit")
-            table = entry & ADDRESS_MASK
+            table = entry & self.address_mask
         raise AssertionError("unreachable: the level-1 entry always returns")
 
     def translate(self, va: int) -> int:
         """Guest-physical address of ``va``; raises :class:`TranslationError`."""
         return self.walk(va).pa
+
+    def try_translate(self, va: int) -> int | None:
+        """Guest-physical address of ``va``, or None when it is not mapped."""
+        try:
+            return self.walk(va).pa
+        except TranslationError:
+            return None
 
     def _read_entry(self, va: int, level: int, entry_pa: int) -> int:
         try:
