@@ -37,6 +37,7 @@ from tests.conftest import (
 )
 from tests.fixtures.synthetic_guest import SyntheticGuest
 from tests.vmrs_writer import RangeSpec, WriterOptions, ram_from_bytes, write_vmrs
+from tests.vmrs_writer.damage import refresh_checksums
 from tests.vmrs_writer.keystore import KeyStore, array_value, file_object_value, int_value
 from tests.vmrs_writer.partition_state import build_partition_state
 from tests.vmrs_writer.ramdesc import pack_ram_memory_block
@@ -757,7 +758,12 @@ def _hostile_edits(lay: Layout, data: bytes) -> dict[str, Callable[[bytearray], 
 def hostile_files(tmp_path_factory: pytest.TempPathFactory, tiny: tuple[Path, bytes, Layout]) -> dict[str, Path]:
     path, data, lay = tiny
     directory = tmp_path_factory.mktemp("hostile")
-    return {name: damaged(path, directory / f"h{i}.vmrs", edit)
+
+    def consistent(edit: Callable[[bytearray], None]) -> Callable[[bytearray], None]:
+        # CRCs recomputed after the edit, so the damage reaches the parser it is aimed at.
+        return lambda d: (edit(d), refresh_checksums(d))[0]
+
+    return {name: damaged(path, directory / f"h{i}.vmrs", consistent(edit))
             for i, (name, edit) in enumerate(_hostile_edits(lay, data).items())}
 
 

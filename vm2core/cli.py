@@ -20,7 +20,8 @@ import click
 
 from vm2core import __version__
 from vm2core.core.convert import Progress, convert
-from vm2core.errors import OutputError, Vm2coreError
+from vm2core.core.sizing import parse_size, planned_core_size
+from vm2core.errors import OutputError, SizeLimitError, Vm2coreError
 from vm2core.progress import LogProgress, TerminalProgress, human_bytes
 from vm2core.reader.savedstate import SavedState
 from vm2core.sinks.base import Sink
@@ -29,6 +30,7 @@ from vm2core.sinks.hashing import HashingSink
 from vm2core.sinks.zstd import DEFAULT_LEVEL, ZSTD_SUFFIXES, ZstdSink
 
 EXIT_OK, EXIT_OUTPUT, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+PLANNED_SIZE_PREFIX = "planned core size: "     # printed before streaming, with the progress
 
 EPILOG = """\b
 Exit codes: 0 success; 1 the core could not be written; 2 bad or unsupported input or usage;
@@ -53,6 +55,13 @@ class _Reporter:
         tty = sys.stderr.isatty()
         show = (tty if progress is None else progress) and not quiet
         self.progress: Progress = (TerminalProgress() if tty else LogProgress()) if show else Progress()
+        self.shows_progress = show
+
+    def say_with_progress(self, message: str) -> None:
+        """Part of the progress display (a terminal, or --progress): a script that reads stderr
+        keeps its one-line error contract and uses --max-size instead."""
+        if self.shows_progress:
+            click.echo(message, err=True)
 
     def say(self, message: str) -> None:
         if not self.quiet:
@@ -129,9 +138,12 @@ def main() -> None:
               help="With --ssh: compare a SHA-256 of the streamed bytes with the uploaded file's.")
 @click.option("--sha256", "want_sha256", is_flag=True,
               help="Print the SHA-256 of the bytes written (and write OUTPUT.sha256 for a file).")
+@click.option("--max-size", "max_size", metavar="SIZE",
+              help="Refuse (exit 2, nothing written) a core larger than SIZE, e.g. 64G or 512M. "
+                   "The planned size is shown with the progress.")
 def convert_cmd(input_path: Path, output: str | None, force: bool, quiet: bool, progress: bool | None,
                 exclude_zero: bool, zstd_level: int | None, ssh_target: str | None, ssh_options: tuple[str, ...],
-                ssh_accept_new: bool, verify: bool, want_sha256: bool) -> None:
+                ssh_accept_new: bool, verify: bool, want_sha256: bool, max_size: str | None) -> None:
     """Convert INPUT (.vmrs) into an ELF core at OUTPUT ("-" for standard output) or on a remote host.
 
     A local core is written to a temporary file beside OUTPUT and renamed when complete; an
@@ -146,9 +158,13 @@ def convert_cmd(input_path: Path, output: str | None, force: bool, quiet: bool, 
         raise click.UsageError("--verify checks an upload: use it with --ssh (for a local file use --sha256)")
     if output is not None and zstd_level is None and output != "-" and output.lower().endswith(ZSTD_SUFFIXES):
         zstd_level = DEFAULT_LEVEL
+    try:
+        size_limit = None if max_size is None else parse_size(max_size)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--max-size") from None
     _run(_convert, input_path, output, force=force, quiet=quiet, progress=progress, exclude_zero=exclude_zero,
          zstd_level=zstd_level, ssh_target=ssh_target, ssh_options=ssh_options, accept_new=ssh_accept_new,
-         verify=verify, want_sha256=want_sha256)
+         verify=verify, want_sha256=want_sha256, max_size=size_limit)
 
 
 def _open_sink(output: str | None, force: bool, input_path: Path, ssh_target: str | None,
@@ -176,11 +192,18 @@ def _open_sink(output: str | None, force: bool, input_path: Path, ssh_target: st
 
 def _convert(input_path: Path, output: str | None, *, force: bool, quiet: bool, progress: bool | None,
              exclude_zero: bool, zstd_level: int | None, ssh_target: str | None, ssh_options: tuple[str, ...],
-             accept_new: bool, verify: bool, want_sha256: bool) -> None:
+             accept_new: bool, verify: bool, want_sha256: bool, max_size: int | None = None) -> None:
     rep = _Reporter(quiet, progress)
     with SavedState.open(input_path) as state:
         if state.dirty:
             rep.warn(f"{input_path}: the replay log holds uncommitted changes; memory may be incomplete")
+        zeros = None
+        if state.architecture == "x86_64":          # (other guests: convert() explains the refusal)
+            planned, zeros = planned_core_size(state, exclude_zero=exclude_zero)
+            if max_size is not None and planned > max_size:
+                raise SizeLimitError(f"{input_path}: the core would be {human_bytes(planned)} ({planned} bytes), "
+                                     f"more than --max-size {human_bytes(max_size)}; nothing was written")
+            rep.say_with_progress(f"{PLANNED_SIZE_PREFIX}{human_bytes(planned)} ({planned} bytes)")
         base = _open_sink(output, force, input_path, ssh_target, ssh_options, accept_new, verify)
         # The digest covers the bytes that reach the output (compressed ones with --zstd).
         hashing = HashingSink(base) if want_sha256 else None
@@ -188,7 +211,8 @@ def _convert(input_path: Path, output: str | None, *, force: bool, quiet: bool, 
         if zstd_level is not None:
             sink = ZstdSink(sink, level=zstd_level)
         try:
-            result = convert(state, sink, progress=rep.progress, warn=rep.warn, exclude_zero=exclude_zero)
+            result = convert(state, sink, progress=rep.progress, warn=rep.warn, exclude_zero=exclude_zero,
+                             zeros=zeros)
             sink.commit()
         except BaseException:
             sink.abort()
@@ -305,15 +329,23 @@ def inspect(input_path: Path, as_json: bool) -> None:
 def _inspect(input_path: Path, as_json: bool) -> None:
     from vm2core.reader.container import HyperVStorage
 
+    # One row at a time: a file may hold millions of keys (memory must not follow their count).
     with HyperVStorage.open(input_path) as c:
-        rows = [{"path": k.path, "type": k.type_name, "size": k.data_size, "file_offset": k.data_offset,
-                 "file_object": k.in_file_object} for k in sorted(c.keys.values(), key=lambda k: k.path)]
+        def rows() -> Any:
+            for path in c.keys.sorted_paths():
+                k = c.keys[path]
+                yield {"path": k.path, "type": k.type_name, "size": k.data_size, "file_offset": k.data_offset,
+                       "file_object": k.in_file_object}
+
         if as_json:
-            click.echo(json.dumps({"format_version": c.header.format_version,
-                                   "dirty_replay_log": bool(c.replay_log and c.replay_log.dirty),
-                                   "keys": rows}, indent=2))
+            head = json.dumps({"format_version": c.header.format_version,
+                               "dirty_replay_log": bool(c.replay_log and c.replay_log.dirty)}, indent=2)
+            click.echo(head[:-2] + ',\n  "keys": [', nl=False)
+            for n, row in enumerate(rows()):
+                click.echo(("," if n else "") + "\n    " + json.dumps(row), nl=False)
+            click.echo("\n  ]\n}")
             return
         click.echo(f"# HyperVStorage {c.header.format_version >> 8}.{c.header.format_version & 0xff}, "
-                   f"{len(rows)} keys")
-        for row in rows:
+                   f"{len(c.keys)} keys")
+        for row in rows():
             click.echo(f"{row['type']:<7} {row['size']:>10}  {row['path']}")

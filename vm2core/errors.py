@@ -47,3 +47,9 @@ class OutputError(Vm2coreError):
     """The core could not be written (exists, terminal, disk full, broken pipe...)."""
 
     exit_code = 1
+
+
+class SizeLimitError(Vm2coreError):
+    """The core would be larger than the user allowed (``--max-size``); nothing was written."""
+
+    exit_code = 2
