@@ -270,6 +270,8 @@ class HyperVStorage:
     def _report_overlap(self, entries: ObjectList, span: int, reach: int) -> None:
         names = {_SPAN_HEADERS: "the file headers", _SPAN_OBJECT_TABLE: "the object table",
                  _SPAN_KEY_TABLE: "key table", _SPAN_FILE_OBJECT: "file object"}
+        if span & 3 in (_SPAN_HEADERS, _SPAN_OBJECT_TABLE) and reach & 3 in (_SPAN_KEY_TABLE, _SPAN_FILE_OBJECT):
+            span, reach = reach, span       # name the object entry that points at the wrong place
         start, kind = span >> 34, span & 3
         message = f"{names[kind]} at {start:#x} overlaps {names[reach & 3]} at {reach >> 34:#x}"
         if kind == _SPAN_OBJECT_TABLE:
