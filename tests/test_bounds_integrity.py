@@ -106,6 +106,16 @@ def test_salvage_records_checksum_mismatches(tiny_vmrs: Path, tmp_path: Path) ->
         assert c.read_int("/savedstate/VmVersion") == 0x0A00
     with HyperVStorage.open(tiny_vmrs, salvage=True) as c:
         assert c.damage == []
+    # A key table header whose CRC no longer matches: reported, and its keys are still used.
+    table = entry - (entry - ROOT) % 4096          # the writer puts key tables on 4 KiB boundaries
+    assert struct.unpack_from("<H", data, table)[0] == 2
+    data[table + 4] ^= 0x20                        # the table's sequence number
+    bad.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="key table header checksum"):
+        HyperVStorage.open(bad)
+    with HyperVStorage.open(bad, salvage=True) as c:
+        assert len(c.damage) == 2 and any(f"key table: offset {table:#x}" in d for d in c.damage), c.damage
+        assert c.read_int("/savedstate/VmVersion") == 0x0A00
 
 
 def test_crc_covers_header_name_and_value_but_not_slack(tmp_path: Path, guest: SyntheticGuest) -> None:

@@ -462,8 +462,10 @@ def _fuzz_positions(lay: Layout, rng: random.Random, count: int) -> list[int]:
 
 
 def _slow_fields(lay: Layout) -> list[tuple[int, int]]:
-    """RamMemoryBlock page counts: damage there hits the known huge-range bug
-    (test_huge_range_without_blocks_finishes), so the fuzzers leave them alone."""
+    """RamMemoryBlock page counts.  The in-process fuzzers damage them too (a claim beyond 240 TiB is
+    refused, a smaller one is a sparse range of missing blocks, fast into a NullSink); only the CLI
+    sample, which expects an accepted flip to write a real core file, leaves them alone (a claim
+    of tens of TiB would end in EFBIG: tests/test_bounds_integrity.py covers those with --max-size)."""
     return [(offset + 8, offset + 16) for key, (offset, _size) in lay.values.items()
             if key.startswith("/savedstate/RamMemoryBlock")]
 
@@ -498,11 +500,8 @@ def test_bit_flips(tiny: tuple[Path, bytes, Layout], variant: tuple[Path, bytes,
     target = tmp_path / "flip.vmrs"
     failures: list[str] = []
     outcomes = {"converted": 0, "rejected": 0}
-    slow = _slow_fields(lay)
     started = time.monotonic()
     for n, pos in enumerate(_fuzz_positions(lay, rng, cases)):
-        if any(lo <= pos < hi for lo, hi in slow):
-            continue
         mutated = bytearray(data)
         mutated[pos] ^= 1 << rng.randrange(8) if n % 4 else rng.choice((0xFF, 0x80))
         target.write_bytes(mutated)
@@ -524,7 +523,6 @@ def test_hostile_words(tiny: tuple[Path, bytes, Layout], tmp_path: Path) -> None
     path, data, lay = tiny
     rng = random.Random(4242)
     regions = _fuzz_regions(lay)
-    slow = _slow_fields(lay)
     target = tmp_path / "word.vmrs"
     failures: list[str] = []
     outcomes = {"converted": 0, "rejected": 0}
@@ -534,7 +532,7 @@ def test_hostile_words(tiny: tuple[Path, bytes, Layout], tmp_path: Path) -> None
         lo, hi = rng.choice(regions)
         fmt, value = rng.choice(HOSTILE_WORDS + [(U32, lay.size), (U64, lay.size - 8)])
         pos = rng.randrange(lo, max(lo + 1, hi - fmt.size))
-        if pos + fmt.size > len(data) or any(pos < s_hi and s_lo < pos + fmt.size for s_lo, s_hi in slow):
+        if pos + fmt.size > len(data):
             continue
         mutated = bytearray(data)
         fmt.pack_into(mutated, pos, value)

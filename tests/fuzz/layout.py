@@ -7,8 +7,11 @@ structure it belongs to, so a case can say "set the page count of RamMemoryBlock
 
 from __future__ import annotations
 
+import random
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from tests.vmrs_writer.damage import object_entries
 from tests.vmrs_writer.partition_state import CHUNK_HEADER, DESCRIPTOR
@@ -67,6 +70,26 @@ class Layout:
     file_objects: list[tuple[int, int]] = field(default_factory=list)      # (offset, size)
     multi_fills: list[tuple[int, int]] = field(default_factory=list)       # (record pos, pages before)
     xpress: list[tuple[int, int]] = field(default_factory=list)            # (payload pos, length)
+    _groups: dict[int, dict[str, list[Any]]] = field(default_factory=dict, repr=False)
+
+    def pick_field(self, rng: random.Random) -> Field:
+        """A field of a kind chosen first (so 64 empty object entries do not drown one page count)."""
+        by_kind = self._by_kind(self.fields, lambda f: f.kind)
+        return rng.choice(by_kind[rng.choice(sorted(by_kind))])
+
+    def pick_region(self, rng: random.Random) -> tuple[str, int, int]:
+        by_kind = self._by_kind(self.regions, lambda r: r[0])
+        return rng.choice(by_kind[rng.choice(sorted(by_kind))])
+
+    def _by_kind(self, items: list[Any], kind_of: Callable[[Any], str]) -> dict[str, list[Any]]:
+        key = id(items)
+        cached = self._groups.get(key)
+        if cached is None or sum(map(len, cached.values())) != len(items):
+            cached = {}
+            for item in items:
+                cached.setdefault(kind_of(item), []).append(item)
+            self._groups[key] = cached
+        return cached
 
     def region(self, kind: str, start: int, end: int) -> None:
         start, end = max(0, start), min(self.size, end)
@@ -89,9 +112,10 @@ def map_file(data: bytes) -> Layout:
     wide = len(data) >= FILE_HEADER.size and FILE_HEADER.unpack_from(data, 0)[3] == 0x0100
     tables_seen = set()
     for at, otype, offset, size in object_entries(data):
-        lay.region("object entry", at, at + OBJECT_ENTRY.size)
-        lay.add_field("object entry offset", at + 5, 8)
-        lay.add_field("object entry size", at + 13, 4)
+        used = "object entry" if otype else "empty object entry"
+        lay.region(used, at, at + OBJECT_ENTRY.size)
+        lay.add_field(f"{used} offset", at + 5, 8)
+        lay.add_field(f"{used} size", at + 13, 4)
         if otype == OBJ_OBJECT_TABLE:
             lay.chain_slots.append(at)
             tables_seen.add(offset)

@@ -46,7 +46,7 @@ def truncate(data: bytearray, lay: Layout, rng: random.Random) -> str:
 
 
 def _region(lay: Layout, rng: random.Random) -> tuple[str, int, int]:
-    return rng.choice(lay.regions)
+    return lay.pick_region(rng)
 
 
 def bit_flips(data: bytearray, lay: Layout, rng: random.Random) -> str:
@@ -80,7 +80,7 @@ def duplicate(data: bytearray, lay: Layout, rng: random.Random) -> str:
 
 
 def hostile_field(data: bytearray, lay: Layout, rng: random.Random) -> str:
-    f = rng.choice(lay.fields)
+    f = lay.pick_field(rng)
     value = rng.choice(hostile_values(len(data), f.width))
     data[f.offset:f.offset + f.width] = value.to_bytes(f.width, "little")
     return f"{f.kind} at {f.offset:#x} = {value:#x}"

@@ -310,8 +310,7 @@ class HyperVStorage:
             computed = zlib.crc32(raw[:KEY_TABLE_CRC_OFFSET] + ZERO_CRC)
             if computed != crc:
                 self._problem(f"key table header checksum mismatch (stored {crc:#010x}, computed "
-                              f"{computed:#010x})", "key table", offset)
-                continue
+                              f"{computed:#010x})", "key table", offset)   # (salvage: still used)
             prev = current.get(index)
             if prev is None or seq > prev[0]:
                 if prev is not None:
