@@ -65,6 +65,7 @@ KEY_FLAG_FILE_OBJECT = 0x01
 FILE_OBJECT_REF = struct.Struct("<IQ")  # {u32 size, u64 file_offset}
 LENGTH_PREFIX = struct.Struct("<I")     # string and array values
 MAX_KEY_DEPTH = 64
+MAX_KEYS = 1 << 30                      # (a 240 TiB guest has ~2^28 RamBlock keys; the index is ~70 B/key)
 ZERO_CRC = bytes(4)                     # stands in for a CRC field while the CRC is computed
 _SPAN_HEADERS, _SPAN_OBJECT_TABLE, _SPAN_KEY_TABLE, _SPAN_FILE_OBJECT = range(4)   # overlap check
 
@@ -339,6 +340,8 @@ class HyperVStorage:
                 path = f"{parent_path}/{e.name}"
                 if e.type == KEY_NODE and path in self.keys:
                     continue
+                if len(self.keys) >= MAX_KEYS:
+                    raise self._error(f"more than {MAX_KEYS} keys", "key table entry", offset + (e.loc & 0xFFFFFFFF))
                 self.keys.add(path, e.type, e.flags, e.loc, e.data_offset, e.data_size)
 
     def _read_into(self, buffer: bytearray, offset: int, size: int) -> memoryview:
