@@ -4,7 +4,8 @@ Classes (issue 9, item 1): truncation at and around structure boundaries; bit fl
 and duplicated ranges inside a structure; sizes/counts/offsets set to 0, 1, 2^31, 2^32-1, 2^64-1
 and the file size; object-table chains and key parents that loop; file objects past EOF or
 overlapping each other or the headers; names without NUL; fill counts past the block; XPRESS
-payloads that expand past 4 KiB, stop short or reference before the start.  About half of the
+payloads that expand past 4 KiB, stop short or reference before the start; keys of the wrong
+type; names with '/' or NUL inside, or duplicated (two keys, one path).  About half of the
 cases then get every checksum recomputed ("CRC-consistent"), so the damage reaches the parsers
 behind the checksums.
 """
@@ -176,9 +177,42 @@ def xpress_payload(data: bytearray, lay: Layout, rng: random.Random) -> str:
     return f"XPRESS payload at {at:#x} ({length} bytes) {what}"
 
 
+def key_type_confusion(data: bytearray, lay: Layout, rng: random.Random) -> str:
+    """A key stored as another type (RamBlockN as int, partition_state as node, VmVersion as string...)."""
+    entries = [lo for kind, lo, _hi in lay.regions if kind == "key entry"]
+    if not entries:
+        return hostile_field(data, lay, rng)
+    pos = rng.choice(entries)
+    old = data[pos]
+    data[pos] = rng.choice((0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0xFF))
+    if rng.random() < 0.3:
+        data[pos + 1] ^= 0x01                       # and toggle "value lives in a file object"
+    return f"key entry at {pos:#x} type {old} -> {data[pos]}"
+
+
+def key_name_trick(data: bytearray, lay: Layout, rng: random.Random) -> str:
+    """A '/' or NUL inside a name, or a name copied over a same-length sibling (duplicate paths)."""
+    if not lay.names:
+        return hostile_field(data, lay, rng)
+    start, nul = rng.choice(lay.names)
+    if nul <= start:
+        return name_without_nul(data, lay, rng)
+    if rng.random() < 0.5:
+        at = rng.randrange(start, nul)
+        data[at] = rng.choice((ord("/"), 0))
+        return f"key name at {start:#x}: byte {at - start} -> {chr(data[at])!r}"
+    same = [(s, n) for s, n in lay.names if n - s == nul - start and s != start]
+    if not same:
+        return name_without_nul(data, lay, rng)
+    src, _ = rng.choice(same)
+    data[start:nul] = data[src:src + (nul - start)]
+    return f"key name at {start:#x} replaced by the name at {src:#x}"
+
+
 MUTATIONS: list[tuple[Mutation, int]] = [
     (truncate, 12), (bit_flips, 18), (zero_run, 8), (duplicate, 8), (hostile_field, 26), (chain_loop, 3),
     (parent_loop, 4), (file_object_alias, 6), (name_without_nul, 3), (fill_past_block, 5), (xpress_payload, 7),
+    (key_type_confusion, 4), (key_name_trick, 4),
 ]
 
 
