@@ -167,8 +167,29 @@ class Share:
     seconds: float = 0.0
 
 
-def case_input(seed: int, index: int, bases: dict[str, bytes], layouts: dict[str, Layout]) -> tuple[str, bytes, str]:
-    """Case ``index`` of run ``seed``: (base variant, damaged bytes, what was done) - deterministic."""
+SWEEP_DELTAS = (-1, 0, 1)
+
+
+def sweep_cuts(layouts: dict[str, Layout]) -> list[tuple[str, int]]:
+    """Every structure boundary of every base, cut one byte before, at and after it."""
+    cuts = set()
+    for name, lay in layouts.items():
+        for boundary in lay.boundaries:
+            for delta in SWEEP_DELTAS:
+                if 0 <= boundary + delta < lay.size:
+                    cuts.add((name, boundary + delta))
+    return sorted(cuts)
+
+
+def case_input(seed: int, index: int, bases: dict[str, bytes], layouts: dict[str, Layout],
+               random_cases: int | None = None) -> tuple[str, bytes, str]:
+    """Case ``index`` of run ``seed``: (base variant, damaged bytes, what was done) - deterministic.
+
+    Indices from ``random_cases`` on are the truncation sweep (:func:`sweep_cuts`).
+    """
+    if random_cases is not None and index >= random_cases:
+        variant, cut = sweep_cuts(layouts)[index - random_cases]
+        return variant, bases[variant][:cut], f"truncation sweep: cut at {cut:#x}"
     rng = random.Random(f"{seed}:{index}")
     variant = rng.choice(sorted(bases))
     data, what = mutate(bases[variant], layouts[variant], rng)
@@ -180,14 +201,15 @@ def load_bases(paths: dict[str, str]) -> tuple[dict[str, bytes], dict[str, Layou
     return bases, {name: map_file(data) for name, data in bases.items()}
 
 
-def worker(seed: int, indices: list[int], base_paths: dict[str, str], workdir: str) -> Share:
+def worker(seed: int, indices: list[int], base_paths: dict[str, str], workdir: str,
+           random_cases: int | None = None) -> Share:
     """Run the given cases (in a fresh process: its VmHWM is the worst case's peak RSS)."""
     bases, layouts = load_bases(base_paths)
     share = Share()
     target = Path(workdir) / f"case-{indices[0] if indices else 0}.vmrs"
     started = time.monotonic()
     for index in indices:
-        variant, data, what = case_input(seed, index, bases, layouts)
+        variant, data, what = case_input(seed, index, bases, layouts, random_cases)
         target.write_bytes(data)
         t0 = time.monotonic()
         try:

@@ -1,4 +1,5 @@
-"""The fuzz stage (issue 9, item 1): >= 10,000 structure-aware damaged inputs per run.
+"""The fuzz stage (issue 9, item 1): >= 10,000 structure-aware damaged inputs per run, plus a
+sweep that cuts every base file one byte before, at and after each of its structure boundaries.
 
     pytest -m fuzz tests/fuzz                          (scripts/test runs it as its own step)
     VM2CORE_FUZZ_SEED=123 VM2CORE_FUZZ_CASES=20000     reproduce a run / run more cases
@@ -29,7 +30,7 @@ import pytest
 
 from tests.conftest import assert_one_line_error, run_cli
 from tests.fuzz.bases import build_bases
-from tests.fuzz.runner import CASE_SECONDS, Share, case_input, load_bases, run_case, worker
+from tests.fuzz.runner import CASE_SECONDS, Share, case_input, load_bases, run_case, sweep_cuts, worker
 
 pytestmark = pytest.mark.fuzz
 
@@ -80,9 +81,10 @@ def test_fuzz_stage(bases: dict[str, str], stage_dir: Path, capsys: pytest.Captu
     seed, cases, one = _settings()
     _say(f"seed {seed}, {cases} cases (reproduce: VM2CORE_FUZZ_SEED={seed} VM2CORE_FUZZ_CASES={cases}); "
          f"failing inputs are kept in {stage_dir}")
+    data_bases, layouts = load_bases(bases)
+    total = cases + len(sweep_cuts(layouts))          # random cases, then the truncation sweep
     if one is not None:                     # one case, in this process, with its full traceback
-        data_bases, layouts = load_bases(bases)
-        variant, data, what = case_input(seed, one, data_bases, layouts)
+        variant, data, what = case_input(seed, one, data_bases, layouts, cases)
         _say(f"case {one}: {variant}: {what}")
         target = stage_dir / f"case-{one}.vmrs"
         target.write_bytes(data)
@@ -93,28 +95,28 @@ def test_fuzz_stage(bases: dict[str, str], stage_dir: Path, capsys: pytest.Captu
     shares: list[Share] = []
     context = multiprocessing.get_context("spawn")     # fresh processes: VmHWM is the cases' own
     with context.Pool(jobs) as pool:
-        parts = [list(range(i, cases, jobs)) for i in range(jobs)]
-        shares = pool.starmap(worker, [(seed, part, bases, str(stage_dir)) for part in parts])
+        parts = [list(range(i, total, jobs)) for i in range(jobs)]
+        shares = pool.starmap(worker, [(seed, part, bases, str(stage_dir), cases) for part in parts])
     elapsed = time.monotonic() - started
     counts = {k: sum(s.counts[k] for s in shares) for k in shares[0].counts}
     slowest = max(s.slowest for s in shares)
     peak = max(s.peak_rss_kib for s in shares)
-    _say(f"{cases} cases in {elapsed:.1f} s ({cases / elapsed:.0f}/s): {counts}; slowest case "
+    _say(f"{cases} random cases + {total - cases} truncation-sweep cases in {elapsed:.1f} s "
+         f"({total / elapsed:.0f}/s): {counts}; slowest case "
          f"{slowest[1]} {slowest[0]:.2f} s ({slowest[2]}); worker peak RSS {peak // 1024} MiB")
     failures = [f for s in shares for f in s.failures]
     assert not failures, f"seed {seed}: {len(failures)} failing cases:\n" + "\n".join(failures[:40])
-    assert counts["converted"] + counts["rejected"] == cases
+    assert counts["converted"] + counts["rejected"] == total
     assert counts["converted"] > cases // 20 and counts["rejected"] > cases // 5, counts   # both sides reached
     assert peak < RSS_LIMIT_KIB, f"a worker peaked at {peak} KiB"
     assert slowest[0] < CASE_SECONDS
 
     # The same inputs through the CLI: exit 0 or one line + exit 2; memory and time bounded.
-    data_bases, layouts = load_bases(bases)
-    sample = [k * cases // CLI_SAMPLE for k in range(CLI_SAMPLE)]
+    sample = [k * total // CLI_SAMPLE for k in range(CLI_SAMPLE)]
     problems: list[str] = []
 
     def through_cli(index: int) -> None:
-        variant, data, what = case_input(seed, index, data_bases, layouts)
+        variant, data, what = case_input(seed, index, data_bases, layouts, cases)
         path = stage_dir / f"cli-{index}.vmrs"
         path.write_bytes(data)
         out = stage_dir / f"cli-{index}.core"
