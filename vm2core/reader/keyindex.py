@@ -13,7 +13,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import overload
 
+# [FMT] "Key Types" (the numbers are container.KEY_FREE ... KEY_NODE).
 KEY_TYPE_NAMES = {1: "free", 3: "int", 4: "uint", 5: "double", 6: "string", 7: "array", 8: "bool", 9: "node"}
+
+FILE_OBJECT_FLAG = 0x01     # [FMT] key entry flag PointsToFileObject (container.KEY_FLAG_FILE_OBJECT)
 
 
 @dataclass(frozen=True)
@@ -159,7 +162,7 @@ class KeyIndex(Mapping[str, KeyEntry]):
     def _entry(self, path: str, i: int) -> KeyEntry:
         loc = self._loc[i]
         return KeyEntry(path, self._type[i], self._flags[i], loc >> 32, loc & 0xFFFFFFFF, self._data_offset[i],
-                        self._data_size[i], bool(self._flags[i] & 0x01))
+                        self._data_size[i], bool(self._flags[i] & FILE_OBJECT_FLAG))
 
     def __getitem__(self, path: str) -> KeyEntry:
         i = self._find(path)
