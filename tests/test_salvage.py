@@ -24,6 +24,7 @@ from tests.fixtures.synthetic_guest import LIVE_NOTE_GPA, SyntheticGuest
 from tests.test_convert import MemorySink
 from tests.test_hostile_input import BAD_BLOCKS, CHUNK_HEADER, DESCRIPTOR, FILE_OBJECT_REF, PARTITION_STATE, layout_of
 from tests.vmrs_writer import RangeSpec, WriterOptions, ram_from_bytes, write_vmrs
+from tests.vmrs_writer.damage import refresh_checksums
 from tests.vmrs_writer.ramblock import RamBlockEncoder
 from vm2core.core.convert import convert
 from vm2core.errors import FormatError
@@ -257,6 +258,7 @@ def test_damaged_guest_block_keeps_every_other_byte(guest_vmrs: Path, guest_core
         FILE_OBJECT_REF.pack_into(data, ref, size, 1 << 40)
     else:
         data[lay.entries[key]] = 3                                   # array -> int
+    refresh_checksums(data)        # the damage itself, not a checksum mismatch beside it
     target.write_bytes(data)
 
     assert run_cli(target, tmp_path / "strict.core").returncode == EXIT_INPUT

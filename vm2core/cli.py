@@ -21,7 +21,8 @@ import click
 
 from vm2core import __version__
 from vm2core.core.convert import Progress, convert
-from vm2core.errors import OutputError, UsageError, Vm2coreError
+from vm2core.core.sizing import parse_size, planned_core_size
+from vm2core.errors import OutputError, SizeLimitError, UsageError, Vm2coreError
 from vm2core.progress import LogProgress, TerminalProgress, human_bytes
 from vm2core.reader.backend import BACKENDS, open_saved_state
 from vm2core.reader.salvage import EXIT_WITH_LOSSES, SalvageReport
@@ -33,6 +34,7 @@ from vm2core.sinks.hashing import HashingSink
 from vm2core.sinks.zstd import DEFAULT_LEVEL, ZSTD_SUFFIXES, ZstdSink, parse_level
 
 EXIT_OK, EXIT_OUTPUT, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+PLANNED_SIZE_PREFIX = "planned core size: "     # printed before streaming, with the progress
 
 
 class LossesError(Vm2coreError):
@@ -72,6 +74,13 @@ class _Reporter:
         tty = sys.stderr.isatty()
         show = (tty if progress is None else progress) and not quiet
         self.progress: Progress = (TerminalProgress() if tty else LogProgress()) if show else Progress()
+        self.shows_progress = show
+
+    def say_with_progress(self, message: str) -> None:
+        """Part of the progress display (a terminal, or --progress): a script that reads stderr
+        keeps its one-line error contract and uses --max-size instead."""
+        if self.shows_progress:
+            click.echo(message, err=True)
 
     def say(self, message: str) -> None:
         if not self.quiet:
@@ -262,13 +271,16 @@ class _ConvertCommand(click.Command):
                    "registers are left out; each loss is listed on stderr and the exit code is 4.")
 @click.option("--salvage-report", "salvage_report", type=click.Path(path_type=Path), metavar="FILE",
               help="With --salvage: also write the list of losses as JSON to FILE.")
+@click.option("--max-size", "max_size", metavar="SIZE",
+              help="Refuse (exit 2, nothing written) a core larger than SIZE, e.g. 64G or 512M. "
+                   "The planned size is shown with the progress.")
 @_backend_options
 @_vm_options
 def convert_cmd(paths: tuple[str, ...], force: bool, quiet: bool, progress: bool | None,
                 exclude_zero: bool, zstd: bool, zstd_level_text: str | None, ssh_target: str | None,
                 ssh_options: tuple[str, ...], ssh_accept_new: bool, verify: bool, want_sha256: bool, backend: str,
                 dll: Path | None, vm: str | None, checkpoint: str | None, dirs: tuple[Path, ...], salvage: bool,
-                salvage_report: Path | None) -> None:
+                salvage_report: Path | None, max_size: str | None) -> None:
     """Convert INPUT (.vmrs, or a legacy .vsv and .bin in either order) into an ELF core at OUTPUT
     ("-" for standard output) or on a remote host.
 
@@ -289,7 +301,7 @@ def convert_cmd(paths: tuple[str, ...], force: bool, quiet: bool, progress: bool
     _run(run, force=force, quiet=quiet, progress=progress, exclude_zero=exclude_zero,
          zstd=zstd, zstd_level_text=zstd_level_text, ssh_target=ssh_target, ssh_options=ssh_options,
          accept_new=ssh_accept_new, verify=verify, want_sha256=want_sha256, backend=backend, dll=dll,
-         vm=vm, checkpoint=checkpoint, dirs=dirs, salvage=salvage, salvage_report=salvage_report)
+         vm=vm, checkpoint=checkpoint, dirs=dirs, salvage=salvage, salvage_report=salvage_report, max_size=max_size)
 
 
 def _check_usage(output: str | None, *, force: bool, zstd: bool, zstd_level_text: str | None,
@@ -360,11 +372,16 @@ def _convert(inputs: list[Path], output: str | None, *, force: bool, quiet: bool
              exclude_zero: bool, zstd: bool, zstd_level_text: str | None, ssh_target: str | None,
              ssh_options: tuple[str, ...], accept_new: bool, verify: bool, want_sha256: bool,
              backend: Any = "auto", dll: Path | None = None, vm: str | None = None, checkpoint: str | None = None,
-             dirs: tuple[Path, ...] = (), salvage: bool = False, salvage_report: Path | None = None) -> None:
+             dirs: tuple[Path, ...] = (), salvage: bool = False, salvage_report: Path | None = None,
+             max_size: str | None = None) -> None:
     _check_salvage_options(salvage, salvage_report)
     zstd_level, digest_file = _check_usage(output, force=force, zstd=zstd, zstd_level_text=zstd_level_text,
                                            ssh_target=ssh_target, ssh_options=ssh_options, accept_new=accept_new,
                                            verify=verify, want_sha256=want_sha256)
+    try:
+        size_limit = None if max_size is None else parse_size(max_size)
+    except ValueError as e:
+        raise UsageError(f"--max-size: {e}") from None
     rep = _Reporter(quiet, progress)
     _refuse_existing_report(salvage_report, force)
     if not inputs:
@@ -377,6 +394,13 @@ def _convert(inputs: list[Path], output: str | None, *, force: bool, quiet: bool
             rep.warn(f"{input_path}: the replay log holds uncommitted changes; memory may be incomplete")
         for other in inputs:           # the .vsv of a pair is an input too
             _open_sink_guard(output, other)
+        zeros = None
+        if state.architecture == "x86_64":          # (other guests: convert() explains the refusal)
+            planned, zeros = planned_core_size(state, exclude_zero=exclude_zero)
+            if size_limit is not None and planned > size_limit:
+                raise SizeLimitError(f"{input_path}: the core would be {human_bytes(planned)} ({planned} bytes), "
+                                     f"more than --max-size {human_bytes(size_limit)}; nothing was written")
+            rep.say_with_progress(f"{PLANNED_SIZE_PREFIX}{human_bytes(planned)} ({planned} bytes)")
         # The output is created here, inside the guarded region: whatever fails from now on (a
         # wrapper, the conversion, a signal) removes it.
         sink: Sink | None = None
@@ -388,7 +412,8 @@ def _convert(inputs: list[Path], output: str | None, *, force: bool, quiet: bool
             sink = hashing or base
             if zstd_level is not None:
                 sink = ZstdSink(sink, level=zstd_level)
-            result = convert(state, sink, progress=rep.progress, warn=rep.warn, exclude_zero=exclude_zero)
+            result = convert(state, sink, progress=rep.progress, warn=rep.warn, exclude_zero=exclude_zero,
+                             zeros=zeros)
             sink.commit()
         except BaseException:
             if sink is not None:
@@ -700,18 +725,26 @@ def _inspect(input_path: Path, as_json: bool) -> None:
         click.echo(json.dumps({"kind": "page census", **census.as_dict()}, indent=2) if as_json
                    else render_census(census))
         return
+    # One row at a time: a file may hold millions of keys (memory must not follow their count).
     with HyperVStorage.open(input_path) as c:
-        rows = [{"path": k.path, "type": k.type_name, "size": k.data_size, "file_offset": k.data_offset,
-                 "file_object": k.in_file_object} for k in sorted(c.keys.values(), key=lambda k: k.path)]
+        def rows() -> Any:
+            for path in c.keys.sorted_paths():
+                k = c.keys[path]
+                yield {"path": k.path, "type": k.type_name, "size": k.data_size, "file_offset": k.data_offset,
+                       "file_object": k.in_file_object}
+
         if as_json:
-            click.echo(json.dumps({"format_version": c.header.format_version,
-                                   "dirty_replay_log": bool(c.replay_log and c.replay_log.dirty),
-                                   "replay_log": c.replay_log.describe() if c.replay_log else None,
-                                   "keys": rows}, indent=2))
+            head = json.dumps({"format_version": c.header.format_version,
+                               "dirty_replay_log": bool(c.replay_log and c.replay_log.dirty),
+                               "replay_log": c.replay_log.describe() if c.replay_log else None}, indent=2)
+            click.echo(head[:-2] + ',\n  "keys": [', nl=False)
+            for n, row in enumerate(rows()):
+                click.echo(("," if n else "") + "\n    " + json.dumps(row), nl=False)
+            click.echo("\n  ]\n}")
             return
         click.echo(f"# HyperVStorage {c.header.format_version >> 8}.{c.header.format_version & 0xff}, "
-                   f"{len(rows)} keys")
+                   f"{len(c.keys)} keys")
         if c.replay_log is not None:
             click.echo(f"# replay log: {c.replay_log.describe()['state']}")
-        for row in rows:
+        for row in rows():
             click.echo(f"{row['type']:<7} {row['size']:>10}  {row['path']}")

@@ -55,3 +55,9 @@ class UsageError(Vm2coreError):
     Found before anything is created, locally or remotely (README exit codes: 2, bad usage)."""
 
     exit_code = 2
+
+
+class SizeLimitError(Vm2coreError):
+    """The core would be larger than the user allowed (``--max-size``); nothing was written."""
+
+    exit_code = 2

@@ -224,24 +224,26 @@ def _stream_memory(state: SavedState, sink: Sink, layout: CoreLayout, loads: lis
 
 def convert(state: SavedState, sink: Sink, *, progress: Progress | None = None,
             warn: Callable[[str], None] = lambda _msg: None, exclude_zero: bool = False,
-            workers: int | None = None, find_vmcoreinfo: bool = True) -> ConversionResult:
+            workers: int | None = None, find_vmcoreinfo: bool = True,
+            zeros: ZeroMap | None = None) -> ConversionResult:
     """Write the ELF core of ``state`` to ``sink`` (the caller commits or aborts the sink).
 
     ``exclude_zero``: leave runs of >= 256 zero pages (known from fill records and missing
     blocks, without decoding) out of the file as ``p_filesz < p_memsz`` tails.
     ``workers``: decoding threads (default: one per CPU).
     ``find_vmcoreinfo=False`` skips the search (the core then has CPU notes only; for measuring).
+    ``zeros``: the zero map already made for ``exclude_zero`` (:mod:`vm2core.core.sizing`).
     """
     progress = progress or Progress()
     if state.architecture != "x86_64":
         raise UnsupportedError(f"{state.architecture} guests are recognised but only x86_64 cores "
                                "can be written so far", path=state.path, structure="partition_state")
     vps = state.vps
-    zeros: ZeroMap | None = None
     if exclude_zero:
-        zeros = zero_map(state)
+        zeros = zeros or zero_map(state)
         loads = zeros.loads(state.ranges)
     else:
+        zeros = None
         loads = memory_loads(state)
     prescan = 0
     dropped = 0

@@ -22,11 +22,16 @@ import os
 import stat
 import struct
 import zlib
-from dataclasses import dataclass, field
+from bisect import bisect_right
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from vm2core.errors import FormatError, UnsupportedError
+from vm2core.reader.keyindex import KEY_TYPE_NAMES, KeyEntry, KeyIndex, ObjectEntry, ObjectList
+
+__all__ = ["KEY_TYPE_NAMES", "FileHeader", "HyperVStorage", "KeyEntry", "ObjectEntry", "ReplayLog"]
 
 # --- on-disk structures ----------------------------------------------------------------------
 
@@ -47,22 +52,32 @@ OBJ_EMPTY, OBJ_TABLE, OBJ_KEY_TABLE, OBJ_FILE, OBJ_FREE = 0, 1, 2, 3, 4
 # [DIS] types seen in the wild beyond 0-4: 5 unknown, 6 replay log, 7 change tracking buffer.
 # Entry flag bit 0 ("required") is ignored: OpenVMM sets it on key tables only, dissect skips
 # entries without it; a reader must accept both styles (vmrs-format.md §1).
+OBJECT_ENTRY_CRC_OFFSET = 1
+# [FMT] "Format Versions": 3.1 "Fixed object table entry checksum"; older files may carry another.
+OBJECT_ENTRY_CRC_SINCE = 0x0301
+CHECKED_OBJECT_TYPES = (OBJ_TABLE, OBJ_KEY_TABLE, OBJ_FILE)   # the entries the reader follows
 MAX_OBJECT_TABLE_ENTRIES = 1 << 20    # sanity bound on one table's entry count
 MAX_OBJECT_TABLES = 1 << 16           # bound on the chain length
 
 # [FMT] "Key Tables": header {u16 signature 2, u16 table_index, u16 sequence, u32 crc}.
 KEY_TABLE_HEADER = struct.Struct("<HHHI")
 KEY_TABLE_SIGNATURE = 0x0002
+KEY_TABLE_CRC_OFFSET = 6                # [FMT]: the CRC covers only these 10 bytes, CRC field zeroed
 MAX_KEY_TABLE_SIZE = 16 << 20
 # [FMT] "Key Table Entry Header" (21 bytes).
 KEY_ENTRY = struct.Struct("<BBIHIIIB")  # type, flags, size, parent_table, parent_offset, crc, seq, name_len
 KEY_FREE, KEY_INT, KEY_UINT, KEY_DOUBLE, KEY_STRING, KEY_ARRAY, KEY_BOOL, KEY_NODE = 1, 3, 4, 5, 6, 7, 8, 9
-KEY_TYPE_NAMES = {KEY_FREE: "free", KEY_INT: "int", KEY_UINT: "uint", KEY_DOUBLE: "double",
-                  KEY_STRING: "string", KEY_ARRAY: "array", KEY_BOOL: "bool", KEY_NODE: "node"}
+KEY_ENTRY_CRC_OFFSET = 12
+# [FMT] "Key Types": value bytes of the fixed-size types (a node holds {u64, u32}); string and
+# array values are a u32 length + that many bytes; a file-object reference is 12 bytes.
+FIXED_VALUE_SIZES = {KEY_INT: 8, KEY_UINT: 8, KEY_DOUBLE: 8, KEY_BOOL: 4, KEY_NODE: 12}
 KEY_FLAG_FILE_OBJECT = 0x01
 FILE_OBJECT_REF = struct.Struct("<IQ")  # {u32 size, u64 file_offset}
 LENGTH_PREFIX = struct.Struct("<I")     # string and array values
 MAX_KEY_DEPTH = 64
+MAX_KEYS = 1 << 30                      # (a 240 TiB guest has ~2^28 RamBlock keys; the index is ~70 B/key)
+ZERO_CRC = bytes(4)                     # stands in for a CRC field while the CRC is computed
+_SPAN_HEADERS, _SPAN_OBJECT_TABLE, _SPAN_KEY_TABLE, _SPAN_FILE_OBJECT = range(4)   # overlap check
 
 # Replay log header, 34 bytes ([DIS] HyperVStorageReplayLog, [FMT] defs.rs agree on these fields):
 # {u32 signature, u32 crc (of the 34 bytes, crc zeroed), u32 entry_count, u8, u32 max_entries, 17 bytes}.
@@ -84,16 +99,6 @@ class FileHeader:
     replay_log_offset: int
     replay_log_size: int
     replay_log_header_size: int
-
-
-@dataclass(frozen=True)
-class ObjectEntry:
-    table_offset: int       # where the entry itself lives (for messages)
-    type: int
-    crc: int
-    offset: int
-    size: int
-    flags: int
 
 
 @dataclass(frozen=True)
@@ -135,38 +140,6 @@ class ReplayLog:
                 "header_crc_ok": self.crc_ok, "entries": self.entry_count, "state": state}
 
 
-class _RawKey(NamedTuple):
-    """A key table entry before its path is known (parents may live in later tables)."""
-
-    type: int
-    flags: int
-    name: str
-    data_offset: int
-    data_size: int
-    in_file_object: bool
-    parent: tuple[int, int]
-
-
-@dataclass
-class KeyEntry:
-    """One key as stored; ``data_offset``/``data_size`` locate the value's bytes in the file."""
-
-    path: str
-    type: int
-    flags: int
-    table_index: int
-    table_offset: int       # offset of this entry inside its key table
-    parent: tuple[int, int]
-    data_offset: int        # absolute file offset of the value bytes (after any length prefix)
-    data_size: int
-    in_file_object: bool
-    children: list[str] = field(default_factory=list)
-
-    @property
-    def type_name(self) -> str:
-        return KEY_TYPE_NAMES.get(self.type, f"type{self.type}")
-
-
 def require_regular(mode: int, path: Path) -> None:
     if not stat.S_ISREG(mode):
         kind = ("a FIFO or pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
@@ -181,8 +154,9 @@ class HyperVStorage:
     def __init__(self, fh: BinaryIO, path: Path | str = "<input>", *, salvage: bool = False) -> None:
         self._fh = fh
         self.path = Path(path) if not isinstance(path, Path) else path
-        # salvage: damage that costs only the keys it touches is recorded here instead of raised
-        # (the saved-state layer turns it into losses); a bad header copy always falls back.
+        # salvage: damage that costs only what it touches (a checksum, overlapping file objects, a file
+        # object past the end) is recorded in ``damage`` instead of raised; the saved-state layer turns it
+        # into losses or warnings. A bad header copy always falls back to the other.
         self.salvage = salvage
         self.damage: list[FormatError] = []
         fh.seek(0, 2)
@@ -191,7 +165,7 @@ class HyperVStorage:
         self.header = self._read_headers()
         self.objects = self._read_object_tables()
         self.skipped_object_types: dict[int, int] = {}
-        self.keys: dict[str, KeyEntry] = {}
+        self.keys = KeyIndex()
         self.key_tables_used = 0
         self.stale_key_tables = 0
         self._read_key_tables()
@@ -274,110 +248,179 @@ class HyperVStorage:
         """Format 1.0 stores key names as UTF-16 ([FMT] "Format Versions")."""
         return self.header.format_version == 0x0100
 
+    def _problem(self, message: str, structure: str, offset: int | None = None) -> None:
+        """Damage that salvage mode may read past (a checksum): an error, or a ``damage`` entry."""
+        err = self._error(message, structure, offset)
+        if not self.salvage:
+            raise err
+        self.damage.append(err)
+
     # --- object tables --------------------------------------------------------------------
 
-    def _read_object_tables(self) -> list[ObjectEntry]:
-        entries: list[ObjectEntry] = []
-        seen: set[int] = set()
+    def _read_object_tables(self) -> ObjectList:
+        entries = ObjectList()
+        tables = _Extents()
         offset: int | None = ROOT_OBJECT_TABLE_OFFSET
+        verify = self.header.format_version >= OBJECT_ENTRY_CRC_SINCE
         while offset is not None:
-            if offset in seen or len(seen) >= MAX_OBJECT_TABLES:
+            if len(tables) >= MAX_OBJECT_TABLES:
                 raise self._error("object table chain loops", "object table", offset)
-            seen.add(offset)
             sig, count = OBJECT_TABLE_HEADER.unpack(
                 self.read_at(offset, OBJECT_TABLE_HEADER.size, "object table header"))
             if sig != OBJECT_TABLE_SIGNATURE:
                 raise self._error(f"bad object table signature {sig:#010x}", "object table", offset)
             if count > MAX_OBJECT_TABLE_ENTRIES:
                 raise self._error(f"implausible entry count {count}", "object table", offset)
-            raw = self.read_at(offset + OBJECT_TABLE_HEADER.size, count * OBJECT_ENTRY.size, "object table")
-            table = [ObjectEntry(offset + OBJECT_TABLE_HEADER.size + i * OBJECT_ENTRY.size, *fields)
-                     for i, fields in enumerate(OBJECT_ENTRY.iter_unpack(raw))]
+            # Tables may not share bytes (or a chain could re-read one region 65536 times).
+            other = tables.overlap(offset, OBJECT_TABLE_HEADER.size + count * OBJECT_ENTRY.size)
+            if other is not None:
+                what = "object table chain loops" if other == offset else f"overlaps the object table at {other:#x}"
+                raise self._error(what, "object table", offset)
+            tables.add(offset, OBJECT_TABLE_HEADER.size + count * OBJECT_ENTRY.size)
+            first = offset + OBJECT_TABLE_HEADER.size
+            raw = self.read_at(first, count * OBJECT_ENTRY.size, "object table")
             # [FMT]: the last entry of every table is the chain slot.
             offset = None
-            if table:
-                last = table.pop()
-                if last.type == OBJ_TABLE:
-                    offset = last.offset
-            for e in table:
-                if e.type == OBJ_TABLE:  # a chain pointer in the middle: follow it after this one
-                    raise self._error("object table pointer outside the chain slot", "object table entry",
-                                      e.table_offset)
-            entries.extend(table)
+            for i, (otype, crc, obj_offset, size, flags) in enumerate(OBJECT_ENTRY.iter_unpack(raw)):
+                where = first + i * OBJECT_ENTRY.size
+                if otype in CHECKED_OBJECT_TYPES and verify:
+                    self._check_object_crc(raw, i * OBJECT_ENTRY.size, crc, where)
+                if i == count - 1:
+                    if otype == OBJ_TABLE:
+                        offset = obj_offset
+                    continue
+                if otype == OBJ_TABLE:  # a chain pointer in the middle: follow it after this one
+                    raise self._error("object table pointer outside the chain slot", "object table entry", where)
+                entries.append(where, otype, crc, obj_offset, size, flags)
+        self._check_object_overlaps(entries, tables)
         return entries
+
+    def _check_object_crc(self, raw: bytes, at: int, stored: int, where: int) -> None:
+        """[FMT] "3.1: Fixed object table entry checksum": CRC-32 of the 18 bytes, CRC field zeroed."""
+        computed = zlib.crc32(raw[at + OBJECT_ENTRY_CRC_OFFSET + 4:at + OBJECT_ENTRY.size],
+                              zlib.crc32(ZERO_CRC, zlib.crc32(raw[at:at + OBJECT_ENTRY_CRC_OFFSET])))
+        if computed != stored:
+            self._problem(f"checksum mismatch (stored {stored:#010x}, computed {computed:#010x})",
+                          "object table entry", where)
+
+    def _check_object_overlaps(self, entries: ObjectList, tables: _Extents) -> None:
+        """Key tables and file objects may overlap neither each other, nor the object tables,
+        nor the two header pages: aliased metadata is how a small file claims huge work."""
+        for where, _offset, size in entries.of_type(OBJ_KEY_TABLE):
+            if size < KEY_TABLE_HEADER.size or size > MAX_KEY_TABLE_SIZE:
+                raise self._error(f"implausible key table size {size}", "object table entry", where)
+        # One int per span, start << 34 | size << 2 | kind (a million tuples would cost ~200 MB).
+        spans = [ROOT_OBJECT_TABLE_OFFSET << 2 | _SPAN_HEADERS]
+        spans += [off << 34 | size << 2 | _SPAN_OBJECT_TABLE for off, size in tables.items()]
+        for otype, kind in ((OBJ_KEY_TABLE, _SPAN_KEY_TABLE), (OBJ_FILE, _SPAN_FILE_OBJECT)):
+            spans += [off << 34 | size << 2 | kind for _where, off, size in entries.of_type(otype) if size]
+        spans.sort()
+        reach_end, reach = 0, spans[0]
+        for span in spans:
+            start, size, kind = span >> 34, span >> 2 & 0xFFFFFFFF, span & 3
+            if start < reach_end:
+                self._report_overlap(entries, span, reach)
+            if start + size > reach_end:
+                reach_end, reach = start + size, span
+
+    def _report_overlap(self, entries: ObjectList, span: int, reach: int) -> None:
+        names = {_SPAN_HEADERS: "the file headers", _SPAN_OBJECT_TABLE: "the object table",
+                 _SPAN_KEY_TABLE: "key table", _SPAN_FILE_OBJECT: "file object"}
+        if span & 3 in (_SPAN_HEADERS, _SPAN_OBJECT_TABLE) and reach & 3 in (_SPAN_KEY_TABLE, _SPAN_FILE_OBJECT):
+            span, reach = reach, span       # name the object entry that points at the wrong place
+        start, kind = span >> 34, span & 3
+        message = f"{names[kind]} at {start:#x} overlaps {names[reach & 3]} at {reach >> 34:#x}"
+        if kind == _SPAN_OBJECT_TABLE:
+            raise self._error(message, "object table", start)
+        otype = OBJ_KEY_TABLE if kind == _SPAN_KEY_TABLE else OBJ_FILE
+        where = next(w for w, off, _size in entries.of_type(otype) if off == start)
+        if kind == _SPAN_FILE_OBJECT and reach & 3 == _SPAN_FILE_OBJECT:
+            self._problem(message, "object table entry", where)
+        else:
+            raise self._error(message, "object table entry", where)
 
     # --- key tables -----------------------------------------------------------------------
 
     def _read_key_tables(self) -> None:
+        """Pick the current copy of every key table, then parse them one at a time.
+
+        Pass 1 verifies every entry and remembers only the nodes (to build paths); pass 2 reads
+        each table again and indexes every key under its full path.  At most one table's bytes
+        are held at a time, and (objects may not overlap) all tables together are at most the
+        file's size: memory and time follow the input, not what it claims.
+        """
+        self.skipped_object_types = {t: n for t, n in self.objects.type_counts().items()
+                                     if t not in (OBJ_EMPTY, OBJ_KEY_TABLE, OBJ_FILE, OBJ_FREE)}
         # Several key tables may share an index; the highest sequence is current [DIS].
-        current: dict[int, tuple[int, ObjectEntry, bytes]] = {}
-        for e in self.objects:
-            if e.type != OBJ_KEY_TABLE:
-                if e.type not in (OBJ_EMPTY, OBJ_FILE, OBJ_FREE):
-                    self.skipped_object_types[e.type] = self.skipped_object_types.get(e.type, 0) + 1
-                continue
+        current: dict[int, tuple[int, int, int]] = {}
+        for _where, offset, size in self.objects.of_type(OBJ_KEY_TABLE):
             # Both flag styles exist (OpenVMM: "required" only on key tables; dissect: on all);
-            # we accept key tables with or without it.
-            if e.size < KEY_TABLE_HEADER.size or e.size > MAX_KEY_TABLE_SIZE:
-                raise self._error(f"implausible key table size {e.size}", "object table entry", e.table_offset)
-            data = self.read_at(e.offset, e.size, "key table")
-            sig, index, seq, crc = KEY_TABLE_HEADER.unpack_from(data)
+            # we accept key tables with or without it.  (Sizes were checked with the overlaps.)
+            if offset + size > self.file_size:
+                raise self._error(f"key table of {size} bytes at {offset:#x} lies beyond the end of the file "
+                                  f"({self.file_size:#x} bytes): truncated?", "key table", offset)
+            raw = self.read_at(offset, KEY_TABLE_HEADER.size, "key table")
+            sig, index, seq, crc = KEY_TABLE_HEADER.unpack(raw)
             if sig != KEY_TABLE_SIGNATURE:
-                raise self._error(f"bad key table signature {sig:#06x}", "key table", e.offset)
-            zeroed = data[:6] + b"\0\0\0\0"
-            if zlib.crc32(zeroed) != crc:
-                raise self._error("key table header CRC mismatch", "key table", e.offset)
+                raise self._error(f"bad key table signature {sig:#06x}", "key table", offset)
+            computed = zlib.crc32(raw[:KEY_TABLE_CRC_OFFSET] + ZERO_CRC)
+            if computed != crc:
+                self._problem(f"key table header checksum mismatch (stored {crc:#010x}, computed "
+                              f"{computed:#010x})", "key table", offset)   # (salvage: still used)
             prev = current.get(index)
             if prev is None or seq > prev[0]:
                 if prev is not None:
                     self.stale_key_tables += 1
-                current[index] = (seq, e, data)
+                current[index] = (seq, offset, size)
             else:
                 self.stale_key_tables += 1
         self.key_tables_used = len(current)
 
-        raw_entries: dict[tuple[int, int], _RawKey] = {}
-        for index, (_seq, obj, data) in current.items():
-            self._parse_key_table(index, obj, data, raw_entries)
+        # Pass 1: nodes only.  loc = table_index << 32 | offset of the entry inside its table.
+        nodes: dict[int, tuple[int, str]] = {}
+        # One buffer for every table: sixteen 16 MiB reads would leave holes in the C heap.
+        buffer = bytearray(max((size for _seq, _off, size in current.values()), default=0))
+        for index, (_seq, offset, size) in sorted(current.items()):
+            for e in self._walk_key_table(index, offset, self._read_into(buffer, offset, size), verify=True):
+                if e.type == KEY_NODE:
+                    nodes[e.loc] = (e.parent, e.name)
+        paths = _node_paths(nodes)
+        del nodes
+        # Pass 2: every key whose parent chain reaches the root (others are orphans of a stale table).
+        for index, (_seq, offset, size) in sorted(current.items()):
+            for e in self._walk_key_table(index, offset, self._read_into(buffer, offset, size), verify=False):
+                parent_path = paths.get(e.parent)
+                if parent_path is None:
+                    continue
+                path = f"{parent_path}/{e.name}"
+                if e.type == KEY_NODE and path in self.keys:
+                    continue
+                if len(self.keys) >= MAX_KEYS:
+                    raise self._error(f"more than {MAX_KEYS} keys", "key table entry", offset + (e.loc & 0xFFFFFFFF))
+                self.keys.add(path, e.type, e.flags, e.loc, e.data_offset, e.data_size)
 
-        # Resolve full paths by walking parent links (parents may live in later tables).
-        paths: dict[tuple[int, int], str] = {(0, 0): ""}
+    def _read_into(self, buffer: bytearray, offset: int, size: int) -> memoryview:
+        """The ``size`` bytes at ``offset`` (checked against the file size) in ``buffer``."""
+        view = memoryview(buffer)[:size]
+        self._fh.seek(offset)
+        got = 0
+        while got < size:
+            n = self._fh.readinto(view[got:])  # type: ignore[attr-defined]  # (binary files have it)
+            if not n:
+                raise self._error("short read (file changed while reading?)", "key table", offset + got)
+            got += n
+        return view
 
-        def resolve(loc: tuple[int, int], depth: int = 0) -> str | None:
-            if loc in paths:
-                return paths[loc]
-            entry = raw_entries.get(loc)
-            if entry is None or depth > MAX_KEY_DEPTH:
-                return None
-            parent_path = resolve(entry.parent, depth + 1)
-            if parent_path is None:
-                return None
-            path = f"{parent_path}/{entry.name}"
-            paths[loc] = path
-            return path
-
-        for loc, raw in raw_entries.items():
-            path = resolve(loc)
-            if path is None:
-                continue  # orphan: its parent node is gone (stale table); not reachable
-            if raw.type == KEY_NODE and path in self.keys:
-                continue
-            self.keys[path] = KeyEntry(path, raw.type, raw.flags, loc[0], loc[1], raw.parent, raw.data_offset,
-                                       raw.data_size, raw.in_file_object)
-        for path in list(self.keys):
-            parent_path = path.rsplit("/", 1)[0]
-            if parent_path in self.keys:
-                self.keys[parent_path].children.append(path)
-
-    def _parse_key_table(self, index: int, obj: ObjectEntry, data: bytes,
-                         out: dict[tuple[int, int], _RawKey]) -> None:
+    def _walk_key_table(self, index: int, table_offset: int, data: memoryview, *,
+                        verify: bool) -> Iterator[_Raw]:
         pos = KEY_TABLE_HEADER.size
         end = len(data)
         wide = self.wide_key_names
+        view = data
         # [FMT]: entries exactly fill the table; trailing room of <= 21 bytes is unused slack.
         while pos + KEY_ENTRY.size < end:
-            ktype, flags, size, p_table, p_off, _crc, _ins, name_len = KEY_ENTRY.unpack_from(data, pos)
-            where = obj.offset + pos
+            ktype, flags, size, p_table, p_off, crc, _ins, name_len = KEY_ENTRY.unpack_from(data, pos)
+            where = table_offset + pos
             if size < KEY_ENTRY.size or pos + size > end:
                 raise self._error(f"key entry size {size} does not fit its table", "key table entry", where)
             if ktype == KEY_FREE or ktype == 0:
@@ -388,17 +431,27 @@ class HyperVStorage:
             value_start = name_start + name_bytes_len
             if value_start > pos + size:
                 raise self._error("key name overruns its entry", "key table entry", where)
-            raw_name = data[name_start:value_start]
+            raw_name = bytes(data[name_start:value_start])
             name = (raw_name.decode("utf-16-le", "replace") if wide
                     else raw_name.decode("utf-8", "replace")).rstrip("\0")
             value_len = pos + size - value_start
-            data_off, data_size, in_fo = self._locate_value(ktype, flags, data, value_start, value_len,
-                                                           obj.offset, where)
-            out[(index, pos)] = _RawKey(ktype, flags, name, data_off, data_size, in_fo, (p_table, p_off))
+            data_off, data_size, covered = self._locate_value(ktype, flags, data, value_start, value_len,
+                                                              table_offset, where)
+            if verify and covered is not None:
+                # [FMT] "Key Table Entry Header": CRC-32 of the 21-byte header with the CRC field
+                # zeroed, the name and the value's meaningful bytes (not the slack after them).
+                computed = zlib.crc32(view[pos + KEY_ENTRY_CRC_OFFSET + 4:value_start + covered], zlib.crc32(
+                    ZERO_CRC, zlib.crc32(view[pos:pos + KEY_ENTRY_CRC_OFFSET])))
+                if computed != crc:
+                    self._problem(f"checksum mismatch in the entry of key {name!r} (stored {crc:#010x}, "
+                                  f"computed {computed:#010x})", "key table entry", where)
+            yield _Raw(index << 32 | pos, ktype, flags, name, data_off, data_size, p_table << 32 | p_off)
             pos += size
 
-    def _locate_value(self, ktype: int, flags: int, data: bytes, start: int, avail: int,
-                      table_file_offset: int, where: int) -> tuple[int, int, bool]:
+    def _locate_value(self, ktype: int, flags: int, data: memoryview, start: int, avail: int,
+                      table_file_offset: int, where: int) -> tuple[int, int, int | None]:
+        """(file offset, size) of the value, and how many value bytes the entry CRC covers
+        (None for a type whose layout is unknown: not verified)."""
         if flags & KEY_FLAG_FILE_OBJECT:
             if avail < FILE_OBJECT_REF.size:
                 raise self._error("file-object reference truncated", "key table entry", where)
@@ -410,15 +463,19 @@ class HyperVStorage:
                     raise error
                 # Kept: reading the key fails later with this message; a RamBlock becomes a loss.
                 self.damage.append(error)
-            return offset, size, True
+            elif size and offset < ROOT_OBJECT_TABLE_OFFSET:
+                raise self._error(f"file object of {size} bytes at {offset:#x} overlaps the file headers",
+                                  "file object", offset)
+            return offset, size, FILE_OBJECT_REF.size
         if ktype in (KEY_STRING, KEY_ARRAY):
             if avail < LENGTH_PREFIX.size:
                 raise self._error("value length prefix truncated", "key table entry", where)
             (length,) = LENGTH_PREFIX.unpack_from(data, start)
             if length > avail - LENGTH_PREFIX.size:
                 raise self._error(f"inline value of {length} bytes overruns its entry", "key table entry", where)
-            return table_file_offset + start + LENGTH_PREFIX.size, length, False
-        return table_file_offset + start, avail, False
+            return table_file_offset + start + LENGTH_PREFIX.size, length, LENGTH_PREFIX.size + length
+        fixed = FIXED_VALUE_SIZES.get(ktype)
+        return table_file_offset + start, avail, None if fixed is None else min(fixed, avail)
 
     # --- replay log -----------------------------------------------------------------------
 
@@ -495,3 +552,62 @@ class HyperVStorage:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Raw(NamedTuple):
+    """A key table entry before its path is known (parents may live in later tables)."""
+
+    loc: int
+    type: int
+    flags: int
+    name: str
+    data_offset: int
+    data_size: int
+    parent: int
+
+
+def _node_paths(nodes: dict[int, tuple[int, str]]) -> dict[int, str]:
+    """Full path of every node whose parent chain reaches the virtual root (loc 0) within
+    MAX_KEY_DEPTH steps; nodes in a parent loop or under a missing parent get none."""
+    paths: dict[int, str] = {0: ""}
+    for loc in nodes:
+        chain: list[int] = []
+        cur = loc
+        while cur not in paths and cur in nodes and len(chain) <= MAX_KEY_DEPTH:
+            chain.append(cur)
+            cur = nodes[cur][0]
+        if cur not in paths:
+            continue
+        base = paths[cur]
+        for item in reversed(chain):
+            base = f"{base}/{nodes[item][1]}"
+            paths[item] = base
+    return paths
+
+
+class _Extents:
+    """Non-overlapping [offset, offset + size) spans, kept sorted for an O(log n) overlap test."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def overlap(self, offset: int, size: int) -> int | None:
+        """Start of a stored span that shares bytes with (or starts at) [offset, offset + size)."""
+        i = bisect_right(self._starts, offset)
+        if i and (self._ends[i - 1] > offset or self._starts[i - 1] == offset):
+            return self._starts[i - 1]
+        if i < len(self._starts) and self._starts[i] < offset + size:
+            return self._starts[i]
+        return None
+
+    def add(self, offset: int, size: int) -> None:
+        i = bisect_right(self._starts, offset)
+        self._starts.insert(i, offset)
+        self._ends.insert(i, offset + size)
+
+    def items(self) -> Iterator[tuple[int, int]]:
+        return ((s, e - s) for s, e in zip(self._starts, self._ends, strict=True))

@@ -387,7 +387,7 @@ def _registry_entries(c: HyperVStorage, node_path: str) -> dict[str, str]:
     out: dict[str, str] = {}
     if node is None:
         return out
-    for child in node.children:
+    for child in c.keys.children(node_path):
         name = child.rsplit("/", 1)[1]
         if not is_guid(name):
             continue

@@ -45,6 +45,10 @@ MEMORY_BLOCK = struct.Struct("<IIQQQII Q")
 MEMORY_BLOCK_VERSION = 3
 MAX_RANGES = 4096
 MAX_GPA = 1 << 52                       # x86-64 architectural physical-address limit
+# The largest VM Hyper-V supports: 240 TB of RAM per VM (Windows Server 2025, generation 2;
+# Microsoft "Plan for Hyper-V scalability in Windows Server").  Read generously as TiB.  A claim
+# beyond it is damage (one flipped page-count bit), not a VM: refuse it before streaming zeros.
+MAX_GUEST_RAM = 240 << 40
 MAX_PARTITION_STATE = 256 << 20
 BLOCK_CACHE_SIZE = 8
 
@@ -227,6 +231,11 @@ class SavedState:
                 raise self._error(f"range of {pages} pages at GPA page {gpa_page:#x} (data page {mbp}) "
                                   "is beyond any physical address", name, entry.data_offset)
             ranges.append(MemoryRange(i, gpa_page * PAGE_SIZE, pages, mbp, node, flags))
+            claimed = sum(r.size for r in ranges)
+            if claimed > MAX_GUEST_RAM:
+                raise self._error(f"the memory ranges up to this one claim {claimed >> 30} GiB of guest RAM, "
+                                  f"more than the {MAX_GUEST_RAM >> 40} TiB Hyper-V supports per VM",
+                                  name, entry.data_offset)
         if not ranges:
             raise self._error(f"no {self.memory_block_key.format(0)} key: the saved state holds no RAM", "key tree")
         ranges.sort(key=lambda r: r.gpa_start)
