@@ -28,6 +28,8 @@ from vm2core.sinks.file import StdoutSink, open_output, remove_pending_outputs
 from vm2core.sinks.hashing import HashingSink
 from vm2core.sinks.zstd import DEFAULT_LEVEL, ZSTD_SUFFIXES, ZstdSink
 
+KDUMP_CODECS = ["zlib", "zstd", "snappy", "none"]     # vm2core.core.kdump.CODECS (imported lazily)
+
 EXIT_OK, EXIT_OUTPUT, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 EPILOG = """\b
@@ -129,9 +131,21 @@ def main() -> None:
               help="With --ssh: compare a SHA-256 of the streamed bytes with the uploaded file's.")
 @click.option("--sha256", "want_sha256", is_flag=True,
               help="Print the SHA-256 of the bytes written (and write OUTPUT.sha256 for a file).")
+@click.option("--format", "out_format", type=click.Choice(["elf", "kdump"]), default=None,
+              help="elf (default): an ELF vmcore, read by every tool. kdump: makedumpfile's kdump-compressed "
+                   "format, pages compressed one by one, opened in place by crash and drgn (no decompressing); "
+                   "implied by an OUTPUT ending in .kdump. To standard output or a pipe it is written in "
+                   "makedumpfile's flattened form (crash reads it; makedumpfile -R makes the file form).")
+@click.option("--compress", "compress", type=click.Choice(KDUMP_CODECS), default=None,
+              help="Page compression of --format kdump (default zlib, read by every crash and drgn build). "
+                   "zstd: smaller and faster; needs crash >= 7.3.1 built with zstd (Debian, Fedora and RHEL "
+                   "packages are; plain upstream `make` is not) or drgn's PyPI wheels / libkdumpfile >= 0.5.0 "
+                   "with zstd. snappy: needs the optional package cramjam and a crash built with snappy. "
+                   "none: raw pages. LZO is not offered (no maintained Python package with wheels).")
 def convert_cmd(input_path: Path, output: str | None, force: bool, quiet: bool, progress: bool | None,
                 exclude_zero: bool, zstd_level: int | None, ssh_target: str | None, ssh_options: tuple[str, ...],
-                ssh_accept_new: bool, verify: bool, want_sha256: bool) -> None:
+                ssh_accept_new: bool, verify: bool, want_sha256: bool, out_format: str | None,
+                compress: str | None) -> None:
     """Convert INPUT (.vmrs) into an ELF core at OUTPUT ("-" for standard output) or on a remote host.
 
     A local core is written to a temporary file beside OUTPUT and renamed when complete; an
@@ -144,6 +158,22 @@ def convert_cmd(input_path: Path, output: str | None, force: bool, quiet: bool, 
         raise click.UsageError("give either OUTPUT or --ssh [USER@]HOST:PATH (not both)")
     if verify and ssh_target is None:
         raise click.UsageError("--verify checks an upload: use it with --ssh (for a local file use --sha256)")
+    name = (output if output not in (None, "-") else ssh_target) or ""
+    out_format = out_format or ("kdump" if name.lower().endswith(".kdump") else "elf")
+    if out_format == "kdump":
+        if zstd_level is not None or name.lower().endswith(ZSTD_SUFFIXES):
+            raise click.UsageError("--format kdump compresses every page itself: a --zstd (.zst) stream around "
+                                   "it gains nothing and crash could not open it; use --compress zstd")
+        if exclude_zero:
+            raise click.UsageError("--exclude-zero is for ELF cores: a kdump core always stores zero pages as "
+                                   "one shared page")
+        _run(_convert_kdump, input_path, output, force=force, quiet=quiet, progress=progress,
+             compress=compress or "zlib", ssh_target=ssh_target, ssh_options=ssh_options,
+             accept_new=ssh_accept_new, verify=verify, want_sha256=want_sha256)
+        return
+    if compress is not None:
+        raise click.UsageError("--compress chooses the page compression of --format kdump (for an ELF core "
+                               "use --zstd)")
     if output is not None and zstd_level is None and output != "-" and output.lower().endswith(ZSTD_SUFFIXES):
         zstd_level = DEFAULT_LEVEL
     _run(_convert, input_path, output, force=force, quiet=quiet, progress=progress, exclude_zero=exclude_zero,
@@ -211,6 +241,56 @@ def _convert(input_path: Path, output: str | None, *, force: bool, quiet: bool, 
         rep.say(note)
     if ssh_target is not None:
         rep.say(base.remote_hint(compressed=zstd_level is not None))  # type: ignore[attr-defined]
+
+
+def _convert_kdump(input_path: Path, output: str | None, *, force: bool, quiet: bool, progress: bool | None,
+                   compress: str, ssh_target: str | None, ssh_options: tuple[str, ...], accept_new: bool,
+                   verify: bool, want_sha256: bool) -> None:
+    """--format kdump: the file form on a file or an upload, the flattened form on a pipe."""
+    from vm2core.core.kdump import convert_kdump
+    from vm2core.sinks.hashing import file_sha256
+
+    rep = _Reporter(quiet, progress)
+    with SavedState.open(input_path) as state:
+        if state.dirty:
+            rep.warn(f"{input_path}: the replay log holds uncommitted changes; memory may be incomplete")
+        base = _open_sink(output, force, input_path, ssh_target, ssh_options, accept_new, verify)
+        # A local file is hashed by reading it back once complete (its descriptor table is filled in
+        # after the pages); on any other output the digest covers the (flattened) bytes streamed.
+        temp_path = getattr(base, "temp_path", None) if base.positional else None
+        hashing = HashingSink(base) if want_sha256 and temp_path is None else None
+        sink: Sink = hashing or base
+        digest = None
+        try:
+            result = convert_kdump(state, sink, compress=compress, progress=rep.progress, warn=rep.warn)
+            if want_sha256 and temp_path is not None:
+                digest = file_sha256(temp_path)
+            sink.commit()
+        except BaseException:
+            sink.abort()
+            raise
+    if hashing is not None:
+        digest = hashing.hexdigest()
+    k = result.selection.kernel
+    if k is not None:
+        pb = "unknown" if k.phys_base is None else f"{k.phys_base:#x}"
+        rep.say(f"guest kernel {k.osrelease}, KERNELOFFSET={k.kernel_offset or 0:#x}, phys_base={pb}")
+    assert result.kdump is not None
+    form = "flattened kdump-compressed" if result.flattened else "kdump-compressed"
+    rep.say(f"wrote {human_bytes(base.position)} ({form}, {compress}; {human_bytes(result.kdump.pages * 4096)} of "
+            f"RAM, {result.zero_pages} zero pages) to {base.description}: {len(state.vps)} CPUs"
+            + (", VMCOREINFO from guest memory" if k else ", no VMCOREINFO"))
+    if result.flattened:
+        rep.say("flattened form (the output cannot seek): crash reads it as is; `makedumpfile -R FILE < IT` "
+                "turns it into the file form")
+    if digest is not None:
+        click.echo(f"{digest}  {output if output not in (None, '-') else (ssh_target or '-')}", err=output == "-")
+        if output not in (None, "-"):
+            _write_digest_file(Path(str(output)), digest)
+    for note in getattr(base, "notes", []):
+        rep.say(note)
+    if ssh_target is not None:
+        rep.say(base.remote_hint(compressed=False))  # type: ignore[attr-defined]
 
 
 def _write_digest_file(core: Path, digest: str) -> None:

@@ -47,3 +47,9 @@ class OutputError(Vm2coreError):
     """The core could not be written (exists, terminal, disk full, broken pipe...)."""
 
     exit_code = 1
+
+
+class UsageError(Vm2coreError):
+    """An option combination or choice that cannot work (e.g. an optional codec not installed)."""
+
+    exit_code = 2

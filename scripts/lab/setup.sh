@@ -22,6 +22,7 @@ PACKAGES=(
     qemu-system-x86 busybox-static cpio zstd openssh-server curl ca-certificates
     build-essential bison flex gawk texinfo zlib1g-dev libncurses-dev
     python3 python3-venv
+    makedumpfile
 )
 
 log() { printf '[lab-setup %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
