@@ -159,7 +159,10 @@ def convert_cmd(input_path: Path, output: str | None, force: bool, quiet: bool, 
     if verify and ssh_target is None:
         raise click.UsageError("--verify checks an upload: use it with --ssh (for a local file use --sha256)")
     name = (output if output not in (None, "-") else ssh_target) or ""
-    out_format = out_format or ("kdump" if name.lower().endswith(".kdump") else "elf")
+    bare = name.lower()
+    for suffix in ZSTD_SUFFIXES:
+        bare = bare[:-len(suffix)] if bare.endswith(suffix) else bare
+    out_format = out_format or ("kdump" if bare.endswith(".kdump") else "elf")   # (.kdump.zst: refused below)
     if out_format == "kdump":
         if zstd_level is not None or name.lower().endswith(ZSTD_SUFFIXES):
             raise click.UsageError("--format kdump compresses every page itself: a --zstd (.zst) stream around "
