@@ -127,7 +127,7 @@ def unflatten(stream: bytes) -> bytes:
         pos += size
     assert pos == len(stream), "bytes after the end marker"
     spans.sort()
-    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "overlapping records"
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), "overlapping records"
     return bytes(out)
 
 
@@ -265,8 +265,8 @@ def test_stdout_gets_the_flattened_form(source: Path, workdir: Path) -> None:
 
 def test_pipe_gets_the_flattened_form(guest_vmrs: Path, workdir: Path) -> None:
     file_form = _kdump(guest_vmrs, workdir / "g.kdump")
-    proc = subprocess.run(cli_command(guest_vmrs, "-", "--format", "kdump", "-q"), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, env=cli_env(), preexec_fn=default_signals, check=False)
+    proc = subprocess.run(cli_command(guest_vmrs, "-", "--format", "kdump", "-q"), capture_output=True,
+                          env=cli_env(), preexec_fn=default_signals, check=False)
     assert proc.returncode == 0, proc.stderr
     assert unflatten(proc.stdout) == file_form
 
