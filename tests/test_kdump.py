@@ -373,3 +373,23 @@ def test_in_process_independent_of_sink_kind(guest_vmrs: Path) -> None:
             assert result.flattened is not positional
             outs.append(sink.buf.getvalue())
     assert unflatten(outs[1]) == outs[0]
+
+
+@pytest.mark.parametrize("chunk", [24 * 7, 24 * 1000])
+def test_descriptor_table_written_in_small_chunks(guest_vmrs: Path, missing_vmrs: Path, workdir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    """Table chunks that end inside zero runs and data slices give the same file (a 64 MiB guest
+    has fewer descriptors than one default chunk)."""
+    from vm2core.core import kdump
+    from vm2core.reader.savedstate import SavedState
+    from vm2core.sinks.file import FileSink
+
+    for vmrs in (guest_vmrs, missing_vmrs):
+        reference = _kdump(vmrs, workdir / "ref.kdump", "-f")
+        monkeypatch.setattr(kdump, "TABLE_CHUNK", chunk)
+        with SavedState.open(vmrs) as state:
+            sink = FileSink(workdir / "small.kdump", force=True)
+            kdump.convert_kdump(state, sink, workers=2)
+            sink.commit()
+        monkeypatch.undo()
+        assert (workdir / "small.kdump").read_bytes() == reference

@@ -26,7 +26,7 @@ import os
 import threading
 import zlib
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,36 +54,49 @@ ZSTD_LEVEL = 3            # the --zstd stream's level; per page it costs ~10 % m
 
 # --- page codecs (kdump-compressed.md §6, §9) -----------------------------------------------------
 
+#: Compresses a list of pages, each on its own; returns one buffer per page.
+PagesCompressor = Callable[[list[bytes]], Sequence[Any]]
+
+
 @dataclass(frozen=True)
 class Codec:
     """One page encoding: its descriptor/status flag and a per-thread compressor factory."""
 
     name: str
     flag: int
-    make: Callable[[], Callable[[Any], bytes]]
+    make: Callable[[], PagesCompressor]
     readers: str
 
 
-def _zlib() -> Callable[[Any], bytes]:
-    return lambda page: zlib.compress(page, 1)        # one zlib stream per page, Z_BEST_SPEED as makedumpfile
+def _zlib() -> PagesCompressor:
+    # One zlib stream (RFC 1950) per page at Z_BEST_SPEED, as makedumpfile and QEMU write them.
+    return lambda pages: [zlib.compress(p, 1) for p in pages]
 
 
-def _zstd() -> Callable[[Any], bytes]:
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False).compress   # one frame per page
+def _zstd() -> PagesCompressor:
+    # One zstd frame per page; many pages per C call (one GIL release per slice).
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False)
+
+    def compress(pages: list[bytes]) -> Sequence[Any]:
+        if not pages:
+            return []
+        out = cctx.multi_compress_to_buffer(list[bytes | bytearray | memoryview](pages), threads=1)
+        return [out[i] for i in range(len(out))]
+    return compress
 
 
-def _none() -> Callable[[Any], bytes]:
-    return bytes
+def _none() -> PagesCompressor:
+    return lambda pages: pages
 
 
-def _snappy() -> Callable[[Any], bytes]:
+def _snappy() -> PagesCompressor:
     try:
         import cramjam
     except ImportError:
         raise UsageError("--compress snappy needs the optional package cramjam "
                          "(pip install 'vm2core[snappy]')") from None
     raw = cramjam.snappy.compress_raw                  # a raw snappy block, not the framing format
-    return lambda page: bytes(raw(bytes(page)))
+    return lambda pages: [bytes(raw(p)) for p in pages]
 
 
 CODECS: dict[str, Codec] = {
@@ -236,27 +249,24 @@ class KdumpDecoder(BlockDecoder):
             decoded = super().decode(sl)
         return self._pack(decoded)
 
-    def _compressor(self) -> Callable[[Any], bytes]:
-        compress: Callable[[Any], bytes] | None = getattr(self._local, "compress", None)
+    def _compressor(self) -> PagesCompressor:
+        compress: PagesCompressor | None = getattr(self._local, "compress", None)
         if compress is None:
             compress = self._local.compress = self._codec.make()
         return compress
 
     def _pack(self, d: Decoded) -> Packed:
-        compress = self._compressor()
-        blobs: list[bytes] = []
-        parts: list[int | array[int]] = []
+        pages: list[bytes] = []             # the non-zero pages, in order
+        parts: list[int | array[int]] = []  # per page 1 (data) or 0 (zero) for now; sizes below
         sizes: array[int] = array("I")
 
         def page(data: Any) -> None:
+            data = bytes(data)              # (a bytes compare is memcmp; a memoryview compare is not)
             if data == ZERO_PAGE:
                 sizes.append(0)
-                return
-            stored = compress(data)
-            if len(stored) >= B:            # §6: never store more than a page; raw instead
-                stored = bytes(data)
-            blobs.append(stored)
-            sizes.append(len(stored))
+            else:
+                pages.append(data)
+                sizes.append(1)
 
         partial = bytearray()               # a page split across runs (odd-sized chunk records)
         for run in d.runs:
@@ -292,7 +302,17 @@ class KdumpDecoder(BlockDecoder):
         assert not partial, "slice is not a whole number of pages"
         if sizes:
             parts.append(sizes)
-        return Packed(d.slice, d.runs, d.buffer, d.base, b"".join(blobs), parts)
+        stored = list(self._compressor()(pages))
+        lengths = iter([len(s) for s in stored])
+        for i, length in enumerate([len(s) for s in stored]):
+            if length >= B:                 # §6: never store more than a page; raw instead
+                stored[i] = pages[i]
+        for part in parts:
+            if not isinstance(part, int):
+                for j, flag in enumerate(part):
+                    if flag:
+                        part[j] = min(next(lengths), B)
+        return Packed(d.slice, d.runs, d.buffer, d.base, b"".join(stored), parts)
 
 
 # --- writer -------------------------------------------------------------------------------------
@@ -327,11 +347,12 @@ class _Table:
                 self.zero_pages += part
                 left = part
                 while left:
-                    n = min(left, (TABLE_CHUNK - len(buf)) // fmt.PAGE_DESC.size)
-                    buf += zero * n
+                    n = min(left, max(1, (TABLE_CHUNK - len(self._buf)) // fmt.PAGE_DESC.size))
+                    self._buf += zero * n
                     left -= n
-                    if len(buf) >= TABLE_CHUNK:
+                    if len(self._buf) >= TABLE_CHUNK:
                         self.flush()
+                buf = self._buf
                 continue
             pos = self.pos
             for size in part:
@@ -344,6 +365,7 @@ class _Table:
             self.pos = pos
             if len(buf) >= TABLE_CHUNK:
                 self.flush()
+                buf = self._buf
 
     def flush(self) -> None:
         if self._buf:
