@@ -208,7 +208,8 @@ def test_every_page_reads_back(source: Path, guest: SyntheticGuest, workdir: Pat
     zero_page = table_end                               # the first bytes after the table
     assert k.raw[zero_page:zero_page + PAGE] == bytes(PAGE)
     previous = -1
-    data_pages = zero_pages = last_size = 0
+    data_pages = zero_pages = last_size = shared = 0
+    stored: dict[bytes, int] = {}
     for start, end in guest.ram.ranges:
         for pfn in range(start // PAGE, end // PAGE):
             desc, data = k.page(pfn)
@@ -220,10 +221,16 @@ def test_every_page_reads_back(source: Path, guest: SyntheticGuest, workdir: Pat
                 assert (offset, size, flags) == (zero_page, PAGE, 0)
                 zero_pages += 1
             else:
-                assert offset > previous and offset >= zero_page + PAGE   # page data in PFN order
-                previous, last_size = offset, size
+                assert offset >= zero_page + PAGE
+                if offset > previous:                 # new page data in PFN order ...
+                    previous, last_size = offset, size
+                    stored[hashlib.sha256(truth).digest()] = offset
+                else:                                 # ... or shared with an identical page before
+                    assert stored[hashlib.sha256(truth).digest()] == offset
+                    shared += 1
                 data_pages += 1
     assert zero_pages and data_pages
+    assert shared == data_pages - len(stored)     # every repeated page is stored once (small guest)
     # holes between ranges are not dumpable
     hole = guest.ram.ranges[0][1] // PAGE if len(guest.ram.ranges) > 1 else None
     if hole is not None:

@@ -281,7 +281,8 @@ def _convert_kdump(input_path: Path, output: str | None, *, force: bool, quiet: 
     assert result.kdump is not None
     form = "flattened kdump-compressed" if result.flattened else "kdump-compressed"
     rep.say(f"wrote {human_bytes(base.position)} ({form}, {compress}; {human_bytes(result.kdump.pages * 4096)} of "
-            f"RAM, {result.zero_pages} zero pages) to {base.description}: {len(state.vps)} CPUs"
+            f"RAM, {result.zero_pages} zero pages, {result.shared_pages} shared) to {base.description}: "
+            f"{len(state.vps)} CPUs"
             + (", VMCOREINFO from guest memory" if k else ", no VMCOREINFO"))
     if result.flattened:
         rep.say("flattened form (the output cannot seek): crash reads it as is; `makedumpfile -R FILE < IT` "

@@ -28,6 +28,7 @@ import zlib
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from hashlib import blake2b
 from typing import Any
 
 import zstandard
@@ -49,6 +50,11 @@ B = fmt.BLOCK_SIZE
 ZERO_PAGE = bytes(B)
 TABLE_CHUNK = (1 << 20) // fmt.PAGE_DESC.size * fmt.PAGE_DESC.size   # descriptors per positional write
 BITMAP_CHUNK = 1 << 20                                               # bitmap bytes built at a time
+# Identical non-zero pages share one stored copy (readers allow any number of descriptors per
+# extent, kdump-compressed.md §11): remembered by a 128-bit BLAKE2b digest of the page, for the
+# last DEDUP_ENTRIES..2*DEDUP_ENTRIES distinct pages (about 140 bytes each: <= 18 MiB).
+DIGEST_SIZE = 16
+DEDUP_ENTRIES = 1 << 16
 ZSTD_LEVEL = 3            # the --zstd stream's level; per page it costs ~10 % more than one stream
 
 
@@ -213,12 +219,13 @@ def _set_bits(buf: bytearray, lo: int, hi: int) -> None:
 
 @dataclass
 class Packed(Decoded):
-    """A decoded slice and its pages, compressed: ``blob`` holds the stored pages back to back;
-    ``parts`` lists per-page stored sizes (an ``array``; 0 = the shared zero page) or, as an int,
-    a run of that many zero pages."""
+    """A decoded slice and its pages, compressed.  ``parts`` lists, per page, 0 (the shared zero
+    page) or 1 (the next entry of ``stored``) in an ``array``, or as an int a run of that many
+    zero pages; ``digests`` identify the stored pages' contents (for identical-page sharing)."""
 
-    blob: bytes = b""
     parts: list[int | array[int]] | None = None
+    stored: Sequence[Any] = ()
+    digests: Sequence[bytes] = ()
 
 
 class KdumpDecoder(BlockDecoder):
@@ -303,16 +310,11 @@ class KdumpDecoder(BlockDecoder):
         if sizes:
             parts.append(sizes)
         stored = list(self._compressor()(pages))
-        lengths = iter([len(s) for s in stored])
-        for i, length in enumerate([len(s) for s in stored]):
-            if length >= B:                 # §6: never store more than a page; raw instead
+        for i, s in enumerate(stored):
+            if len(s) >= B:                 # §6: never store more than a page; raw instead
                 stored[i] = pages[i]
-        for part in parts:
-            if not isinstance(part, int):
-                for j, flag in enumerate(part):
-                    if flag:
-                        part[j] = min(next(lengths), B)
-        return Packed(d.slice, d.runs, d.buffer, d.base, b"".join(stored), parts)
+        digests = [blake2b(p, digest_size=DIGEST_SIZE).digest() for p in pages]
+        return Packed(d.slice, d.runs, d.buffer, d.base, parts, stored, digests)
 
 
 # --- writer -------------------------------------------------------------------------------------
@@ -323,6 +325,7 @@ class KdumpResult(ConversionResult):
     flattened: bool = False
     file_size: int = 0            # size of the kdump file (after makedumpfile -R for the flattened form)
     zero_pages: int = 0
+    shared_pages: int = 0         # non-zero pages stored once for several PFNs
     utsname_from_guest: bool = False
 
 
@@ -338,10 +341,17 @@ class _Table:
         self._buf = bytearray()
         self.pos = layout.data_offset           # where the next stored page lands
         self.zero_pages = 0
+        self.shared_pages = 0                   # pages whose identical twin was stored before
+        self._seen: dict[bytes, bytes] = {}     # content digest -> descriptor of its stored copy
+        self._older: dict[bytes, bytes] = {}
 
-    def add(self, parts: list[int | array[int]]) -> None:
+    def add(self, parts: list[int | array[int]], stored: Sequence[Any], digests: Sequence[bytes]) -> list[Any]:
+        """Descriptors for one slice's pages; returns the stored pages to append (shared ones left out)."""
         pack = fmt.PAGE_DESC.pack
         buf, flag, zero = self._buf, self._flag, self._zero
+        seen, older = self._seen, self._older
+        out: list[Any] = []
+        k = 0
         for part in parts:
             if isinstance(part, int):
                 self.zero_pages += part
@@ -355,17 +365,31 @@ class _Table:
                 buf = self._buf
                 continue
             pos = self.pos
-            for size in part:
-                if size:
-                    buf += pack(pos, size, flag if size < B else 0, 0)
-                    pos += size
-                else:
+            for mark in part:
+                if not mark:
                     buf += zero
                     self.zero_pages += 1
+                    continue
+                data, digest = stored[k], digests[k]
+                k += 1
+                desc = seen.get(digest) or older.get(digest)
+                if desc is None:
+                    size = len(data)
+                    desc = pack(pos, size, flag if size < B else 0, 0)
+                    out.append(data)
+                    pos += size
+                    seen[digest] = desc
+                    if len(seen) >= DEDUP_ENTRIES:      # two generations: memory stays bounded
+                        self._older, older = seen, seen
+                        self._seen = seen = {}
+                else:
+                    self.shared_pages += 1
+                buf += desc
             self.pos = pos
             if len(buf) >= TABLE_CHUNK:
                 self.flush()
                 buf = self._buf
+        return out
 
     def flush(self) -> None:
         if self._buf:
@@ -380,8 +404,8 @@ class _Table:
 
 
 def _stream_pages(state: SavedState, target: Target, layout: KdumpLayout, core: CoreLayout, codec: Codec,
-                  progress: Progress, scanner: VmcoreinfoScanner | None, workers: int | None) -> int:
-    """Append the page data and fill the table; returns the number of zero pages."""
+                  progress: Progress, scanner: VmcoreinfoScanner | None, workers: int | None) -> tuple[int, int]:
+    """Append the page data and fill the table; returns the numbers of zero and shared pages."""
     loads = memory_loads(state)
     pool = BufferPool(keep=4 * (workers or worker_count()) + SCAN_QUEUE_DEPTH + 4)
     decoder = KdumpDecoder(state, pool, codec)
@@ -392,8 +416,7 @@ def _stream_pages(state: SavedState, target: Target, layout: KdumpLayout, core: 
     try:
         for item in stream:
             assert isinstance(item, Packed) and item.parts is not None
-            target.append(item.blob)
-            table.add(item.parts)
+            target.append(b"".join(table.add(item.parts, item.stored, item.digests)))
             if background is not None and item.buffer is not None:
                 background.submit(item)
             else:
@@ -408,7 +431,7 @@ def _stream_pages(state: SavedState, target: Target, layout: KdumpLayout, core: 
         if background is not None:
             background.close()
         progress.finish()
-    return table.zero_pages
+    return table.zero_pages, table.shared_pages
 
 
 def snapshot_time(state: SavedState) -> int:
@@ -465,7 +488,7 @@ def convert_kdump(state: SavedState, sink: Sink, *, compress: str = "zlib", prog
     assert target.end == layout.table_offset
     target.append_zeros(layout.zero_page_offset - layout.table_offset)     # reserved descriptor table
     target.append(ZERO_PAGE)                                               # the shared zero page
-    zero_pages = _stream_pages(state, target, layout, core, codec, progress, scanner, workers)
+    zero_pages, shared_pages = _stream_pages(state, target, layout, core, codec, progress, scanner, workers)
     if scanner is not None:
         selection = select_kernel(scanner.candidates, state, vps)
         if selection.kernel is not None:
@@ -484,4 +507,5 @@ def convert_kdump(state: SavedState, sink: Sink, *, compress: str = "zlib", prog
     for w in warnings:
         warn(w)
     return KdumpResult(core, selection, sink.position, prescan, warnings, kdump=layout, flattened=flattened,
-                       file_size=file_size, zero_pages=zero_pages, utsname_from_guest=from_guest)
+                       file_size=file_size, zero_pages=zero_pages, shared_pages=shared_pages,
+                       utsname_from_guest=from_guest)
