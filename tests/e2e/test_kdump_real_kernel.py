@@ -39,6 +39,8 @@ def kdump_files(real_vmrs: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     _run_cli([str(real_vmrs), str(files["elf"])])
     _run_cli([str(real_vmrs), str(files["zlib"])])
     _run_cli([str(real_vmrs), str(files["zstd"]), "--compress", "zstd"])
+    files["snappy"] = work / "guest-snappy.kdump"
+    _run_cli([str(real_vmrs), str(files["snappy"]), "--compress", "snappy"])
     _run_cli([str(real_vmrs), "-", "--format", "kdump"], stdout_path=files["flat"])
     return files
 
@@ -143,7 +145,7 @@ def test_crash_rd_pages_match_the_elf_core(crash_runs: dict[str, dict[str, str]]
 
 # ---------------------------------------------------------------------------------------------- drgn
 
-@pytest.mark.parametrize("codec", ["zlib", "zstd"])
+@pytest.mark.parametrize("codec", ["zlib", "zstd", "snappy"])
 def test_drgn_opens_kdump(lab: config.LabConfig, guest: Capture, kdump_files: dict[str, Path], codec: str) -> None:
     ours = readers.run_drgn_checks(kdump_files[codec], guest.marker, None, lab)
     elf = readers.run_drgn_checks(kdump_files["elf"], guest.marker, None, lab)
@@ -167,7 +169,7 @@ def test_drgn_opens_kdump(lab: config.LabConfig, guest: Capture, kdump_files: di
             assert entry["frames"][0]["pc"] == vcpu["regs"]["rip"]
 
 
-@pytest.mark.parametrize("codec", ["zlib", "zstd"])
+@pytest.mark.parametrize("codec", ["zlib", "zstd", "snappy"])
 def test_drgn_pages_match_the_elf_core(lab: config.LabConfig, guest: Capture, kdump_files: dict[str, Path],
                                        codec: str) -> None:
     sample = _pages(guest)
