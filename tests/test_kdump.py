@@ -11,6 +11,7 @@ import io
 import resource
 import signal
 import struct
+import sys
 import subprocess
 import zlib
 from dataclasses import dataclass
@@ -405,3 +406,69 @@ def test_descriptor_table_written_in_small_chunks(guest_vmrs: Path, missing_vmrs
             sink.commit()
         monkeypatch.undo()
         assert (workdir / "small.kdump").read_bytes() == reference
+
+
+# --- memory and interrupts ------------------------------------------------------------------------
+
+def test_peak_rss_stays_flat_on_a_large_guest(tmp_path: Path, guest: SyntheticGuest) -> None:
+    """An 8 GiB guest (2 Mi descriptors = 48 MiB of table) with 192 MiB of distinct data pages: the
+    table is written in chunks and the identical-page map is bounded, so the peak stays < 100 MiB."""
+    import random
+
+    from tests.vmrs_writer import RangeSpec
+
+    data_end = 192 * MIB
+
+    def read(offset: int, length: int) -> bytes:
+        if offset >= data_end:
+            return bytes(length)
+        return random.Random(offset).randbytes(length // 2) + bytes(length // 2)   # compressible, distinct
+
+    vmrs = tmp_path / "large.vmrs"
+    write_vmrs(vmrs, [RangeSpec(0, (8 << 30) // PAGE, read, omit_zero_blocks=True)], guest.vps,
+               WriterOptions(policy="records", xpress_fraction=0.0))
+    for options in (["--compress", "zstd"], []):
+        out = tmp_path / "large.kdump"
+        result = run_cli(vmrs, out, "-q", "-f", *options, measure_rss=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        k = parse(out.read_bytes()[:8192])
+        assert k.hdr[9] == (8 << 30) // PAGE
+        assert 0 < result.peak_rss_kib < 100 * 1024, f"peak RSS {result.peak_rss_kib} KiB"
+        print(f"peak RSS {options}: {result.peak_rss_kib} KiB", file=sys.stderr)
+        out.unlink()
+
+
+@pytest.mark.parametrize("options", [[], ["--compress", "zstd", "--sha256"]], ids=" ".join)
+def test_ctrl_c_while_writing_a_kdump_file(tmp_path_factory: pytest.TempPathFactory, guest: SyntheticGuest,
+                                           workdir: Path, options: list[str]) -> None:
+    import os
+    import random
+    import time
+
+    from tests.vmrs_writer import RangeSpec
+
+    path = tmp_path_factory.mktemp("kdbig") / "big.vmrs"
+    write_vmrs(path, [RangeSpec(0, 512 * MIB // PAGE, lambda off, n: random.Random(off).randbytes(n))],
+               guest.vps, WriterOptions(policy="raw-blocks"))
+    out = workdir / "big.kdump"
+    proc = subprocess.Popen(cli_command(path, out, *options), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=cli_env(), preexec_fn=default_signals)
+    try:
+        deadline = time.monotonic() + 30
+        while not leftovers(workdir, out.name):
+            assert time.monotonic() < deadline, "no temporary output"
+            time.sleep(0.005)
+        time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGSTOP)
+        assert not out.exists(), "conversion finished before the interrupt"
+        os.kill(proc.pid, signal.SIGINT)
+        os.kill(proc.pid, signal.SIGCONT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = err.decode()
+    assert proc.returncode == 130, text
+    assert text.splitlines() == ["vm2core: interrupted"], text
+    assert leftovers(workdir, out.name) == []
