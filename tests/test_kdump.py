@@ -11,8 +11,8 @@ import io
 import resource
 import signal
 import struct
-import sys
 import subprocess
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
