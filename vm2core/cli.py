@@ -152,7 +152,8 @@ def convert_cmd(input_path: Path, output: str | None, force: bool, quiet: bool, 
     upload goes to PATH.partial and is renamed when complete. The core carries one PT_LOAD per
     guest RAM range, NT_PRSTATUS and QEMU-style CPU notes for every virtual processor, and the
     guest kernel's own VMCOREINFO note, so `crash vmlinux OUTPUT` and `drgn -c OUTPUT` need no
-    extra options.
+    extra options. With --format kdump (or OUTPUT ending in .kdump) the same contents are written
+    in makedumpfile's kdump-compressed format, which crash and drgn open without decompressing.
     """
     if (output is None) == (ssh_target is None):
         raise click.UsageError("give either OUTPUT or --ssh [USER@]HOST:PATH (not both)")

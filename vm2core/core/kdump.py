@@ -36,7 +36,7 @@ import zstandard
 from vm2core.core import kdump_format as fmt
 from vm2core.core.convert import ConversionResult, Progress, _slices, find_kernel, memory_loads
 from vm2core.core.flattened import DirectTarget, FlattenedTarget, Target
-from vm2core.core.layout import VMCOREINFO_NOTE_MAX, CoreLayout, plan_core
+from vm2core.core.layout import VMCOREINFO_NOTE_MAX, CoreLayout, LoadRange, plan_core
 from vm2core.core.pipeline import BlockDecoder, BlockSlice, BufferPool, Decoded, decode_in_order, worker_count
 from vm2core.core.scanning import SCAN_QUEUE_DEPTH, BackgroundScan, InputWindows
 from vm2core.errors import UnsupportedError, UsageError
@@ -129,8 +129,9 @@ class KdumpLayout:
     max_mapnr: int
 
     @classmethod
-    def from_core(cls, core: CoreLayout, nr_cpus: int) -> KdumpLayout:
-        ram = tuple((s.paddr // B, s.memsz // B) for s in core.segments if s.memsz)
+    def from_plan(cls, loads: list[LoadRange], core: CoreLayout, nr_cpus: int) -> KdumpLayout:
+        """``loads``: the RAM ranges the page stream covers (the plan's input); ``core``: its CPU notes."""
+        ram = tuple((ld.paddr // B, ld.memsz // B) for ld in sorted(loads, key=lambda ld: ld.paddr) if ld.memsz)
         max_mapnr = max((p + n for p, n in ram), default=0)
         # Room for the largest VMCOREINFO note, so the notes can be patched in after one pass
         # and a pipe (which knows the note first) gets the same offsets.
@@ -456,8 +457,9 @@ def convert_kdump(state: SavedState, sink: Sink, *, compress: str = "zlib", prog
     codec = CODECS[compress]
     codec.make()                               # a missing optional codec fails before any output
     vps = state.vps
-    core = plan_core(memory_loads(state), vps, vmcoreinfo_note=None, reserve_vmcoreinfo=True)
-    layout = KdumpLayout.from_core(core, len(vps))
+    loads = memory_loads(state)
+    core = plan_core(loads, vps, vmcoreinfo_note=None, reserve_vmcoreinfo=True)
+    layout = KdumpLayout.from_plan(loads, core, len(vps))
     timestamp = snapshot_time(state)
     status = codec.flag
 
