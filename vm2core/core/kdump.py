@@ -55,6 +55,7 @@ BITMAP_CHUNK = 1 << 20                                               # bitmap by
 # last DEDUP_ENTRIES..2*DEDUP_ENTRIES distinct pages (about 140 bytes each: <= 18 MiB).
 DIGEST_SIZE = 16
 DEDUP_ENTRIES = 1 << 16
+WORKER_RECENT = 1 << 15       # digests each compressing thread remembers (it skips those pages)
 ZSTD_LEVEL = 3            # the --zstd stream's level; per page it costs ~10 % more than one stream
 
 
@@ -225,8 +226,9 @@ class Packed(Decoded):
     zero pages; ``digests`` identify the stored pages' contents (for identical-page sharing)."""
 
     parts: list[int | array[int]] | None = None
-    stored: Sequence[Any] = ()
+    stored: Sequence[Any] = ()            # None: not compressed (probably shared), see ``pages``
     digests: Sequence[bytes] = ()
+    pages: Sequence[bytes] = ()
 
 
 class KdumpDecoder(BlockDecoder):
@@ -310,12 +312,22 @@ class KdumpDecoder(BlockDecoder):
         assert not partial, "slice is not a whole number of pages"
         if sizes:
             parts.append(sizes)
-        stored = list(self._compressor()(pages))
-        for i, s in enumerate(stored):
-            if len(s) >= B:                 # §6: never store more than a page; raw instead
-                stored[i] = pages[i]
         digests = [blake2b(p, digest_size=DIGEST_SIZE).digest() for p in pages]
-        return Packed(d.slice, d.runs, d.buffer, d.base, parts, stored, digests)
+        # A page this thread saw recently is almost surely shared by the writer: not compressed
+        # here (None); the writer compresses it itself in the rare case it is not shared after all.
+        recent: dict[bytes, None] | None = getattr(self._local, "recent", None)
+        if recent is None or len(recent) >= WORKER_RECENT:
+            recent = self._local.recent = {}
+        todo = []
+        for i, digest in enumerate(digests):
+            if digest not in recent:
+                recent[digest] = None
+                todo.append(i)
+        compressed = self._compressor()([pages[i] for i in todo])
+        stored: list[Any] = [None] * len(pages)
+        for i, c in zip(todo, compressed, strict=True):
+            stored[i] = pages[i] if len(c) >= B else c     # §6: never more than a page; raw instead
+        return Packed(d.slice, d.runs, d.buffer, d.base, parts, stored, digests, pages)
 
 
 # --- writer -------------------------------------------------------------------------------------
@@ -333,7 +345,9 @@ class KdumpResult(ConversionResult):
 class _Table:
     """Descriptors in PFN order, written to the reserved table in chunks (memory stays flat)."""
 
-    def __init__(self, target: Target, layout: KdumpLayout, flag: int) -> None:
+    def __init__(self, target: Target, layout: KdumpLayout, codec: Codec) -> None:
+        flag = codec.flag
+        self._compress = codec.make()
         self._target = target
         self._at = layout.table_offset
         self._end = layout.zero_page_offset
@@ -346,7 +360,8 @@ class _Table:
         self._seen: dict[bytes, bytes] = {}     # content digest -> descriptor of its stored copy
         self._older: dict[bytes, bytes] = {}
 
-    def add(self, parts: list[int | array[int]], stored: Sequence[Any], digests: Sequence[bytes]) -> list[Any]:
+    def add(self, parts: list[int | array[int]], stored: Sequence[Any], digests: Sequence[bytes],
+            pages: Sequence[bytes]) -> list[Any]:
         """Descriptors for one slice's pages; returns the stored pages to append (shared ones left out)."""
         pack = fmt.PAGE_DESC.pack
         buf, flag, zero = self._buf, self._flag, self._zero
@@ -375,6 +390,9 @@ class _Table:
                 k += 1
                 desc = seen.get(digest) or older.get(digest)
                 if desc is None:
+                    if data is None:                    # skipped by the worker, yet not shared
+                        data = self._compress([pages[k - 1]])[0]
+                        data = pages[k - 1] if len(data) >= B else data
                     size = len(data)
                     desc = pack(pos, size, flag if size < B else 0, 0)
                     out.append(data)
@@ -411,13 +429,13 @@ def _stream_pages(state: SavedState, target: Target, layout: KdumpLayout, core: 
     pool = BufferPool(keep=4 * (workers or worker_count()) + SCAN_QUEUE_DEPTH + 4)
     decoder = KdumpDecoder(state, pool, codec)
     background = BackgroundScan(scanner, InputWindows(state), pool) if scanner is not None else None
-    table = _Table(target, layout, codec.flag)
+    table = _Table(target, layout, codec)
     progress.start("converting", sum(ld.filesz for ld in loads))
     stream = decode_in_order(decoder, _slices(state, loads), workers=workers)
     try:
         for item in stream:
             assert isinstance(item, Packed) and item.parts is not None
-            target.append(b"".join(table.add(item.parts, item.stored, item.digests)))
+            target.append(b"".join(table.add(item.parts, item.stored, item.digests, item.pages)))
             if background is not None and item.buffer is not None:
                 background.submit(item)
             else:
