@@ -238,6 +238,12 @@ class KdumpDecoder(BlockDecoder):
         super().__init__(state, pool)
         self._codec = codec
         self._local = threading.local()
+        self._fd: int | None = None
+        if hasattr(os, "preadv"):
+            try:
+                self._fd = state.container.file.fileno()
+            except (AttributeError, OSError, ValueError):   # not a real file: the portable path
+                self._fd = None
 
     @staticmethod
     def needs_work(sl: BlockSlice) -> bool:
@@ -252,12 +258,26 @@ class KdumpDecoder(BlockDecoder):
         assert entry is not None
         if sl.info.encoding == "raw":
             buf = self.pool.get()
-            buf[:sl.length] = self._reader.read(entry.data_offset + sl.start, sl.length,
-                                                RAM_BLOCK_KEY.format(sl.info.number))
+            self._read_into(buf, entry.data_offset + sl.start, sl.length, RAM_BLOCK_KEY.format(sl.info.number))
             decoded = Decoded(sl, [Data(memoryview(buf)[:sl.length])], buf, 0)
         else:
             decoded = super().decode(sl)
         return self._pack(decoded)
+
+    def _read_into(self, buf: bytearray, offset: int, length: int, name: str) -> None:
+        """Stored bytes of a raw block straight into the pooled buffer (``preadv``: no copy)."""
+        fd = self._fd
+        if fd is not None:
+            view = memoryview(buf)
+            done = 0
+            while done < length:
+                n = os.preadv(fd, [view[done:length]], offset + done)
+                if n <= 0:
+                    break
+                done += n
+            if done == length:
+                return
+        buf[:length] = self._reader.read(offset, length, name)   # portable path (and its EOF error)
 
     def _compressor(self) -> PagesCompressor:
         compress: PagesCompressor | None = getattr(self._local, "compress", None)
