@@ -516,3 +516,28 @@ def test_two_ranges_with_a_hole(tmp_path: Path) -> None:
         for pfn in range(start // PAGE, (start + size) // PAGE):
             assert k.page(pfn)[1] == g.ram.read(pfn * PAGE, PAGE), f"PFN {pfn:#x}"
     assert g.truth.note in k.raw[k.sub[7]:k.sub[7] + k.sub[8]]
+
+
+@pytest.mark.parametrize("case", ["name at +4, no OFFSET key", "no SYMBOL(init_uts_ns)"])
+def test_utsname_variants(tmp_path: Path, case: str) -> None:
+    """The kernel's struct found where old kernels keep it (after a kref), or, when the note does not
+    say where init_uts_ns is, placeholders libkdumpfile accepts (kdump-compressed.md §8.4)."""
+    from tests.fixtures.synthetic_guest import build_guest
+
+    if case.startswith("name"):
+        g = build_guest(ram_size=64 * MIB, kernel_offset=0x800000, phys_base=-0x800000, uts_name_offset=4,
+                        omit_keys=frozenset({"OFFSET(uts_namespace.name)"}))
+    else:
+        g = build_guest(ram_size=64 * MIB, kernel_offset=0x800000, phys_base=-0x800000,
+                        omit_keys=frozenset({"SYMBOL(init_uts_ns)"}))
+    vmrs = tmp_path / "g.vmrs"
+    write_vmrs(vmrs, g.range_specs(), g.vps, WriterOptions(policy="records"))
+    result = run_cli(vmrs, tmp_path / "g.kdump")
+    assert result.returncode == 0, result.stderr
+    uts = parse((tmp_path / "g.kdump").read_bytes()[:8192]).hdr[2]
+    fields = [uts[i * 65:(i + 1) * 65].partition(b"\0")[0] for i in range(6)]
+    if case.startswith("name"):
+        assert uts == utsname(g.truth.osrelease)
+    else:
+        assert fields == [b"Linux", b"", g.truth.osrelease.encode(), b"unknown", b"x86_64", b"(none)"]
+        assert "utsname could not be read" in result.stderr
