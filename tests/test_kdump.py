@@ -541,3 +541,36 @@ def test_utsname_variants(tmp_path: Path, case: str) -> None:
     else:
         assert fields == [b"Linux", b"", g.truth.osrelease.encode(), b"unknown", b"x86_64", b"(none)"]
         assert "utsname could not be read" in result.stderr
+
+
+def test_progress(guest_vmrs: Path, guest: SyntheticGuest, workdir: Path) -> None:
+    """Progress covers all of guest RAM; the flattened form first shows the VMCOREINFO search."""
+    from vm2core.core.convert import Progress
+    from vm2core.core.kdump import convert_kdump
+    from vm2core.reader.savedstate import SavedState
+    from vm2core.sinks.file import FileSink, StreamSink
+
+    class Recorder(Progress):
+        def __init__(self) -> None:
+            self.phases: list[list] = []
+
+        def start(self, phase: str, total: int) -> None:
+            self.phases.append([phase, total, 0])
+
+        def advance(self, nbytes: int) -> None:
+            self.phases[-1][2] += nbytes
+
+    ram = sum(size for _, size in guest.ram.ranges)
+    with SavedState.open(guest_vmrs) as state:
+        rec = Recorder()
+        sink = FileSink(workdir / "p.kdump")
+        convert_kdump(state, sink, progress=rec)
+        sink.commit()
+        assert rec.phases == [["converting", ram, ram]]
+        rec = Recorder()
+        with (workdir / "p.flat").open("wb") as f:
+            convert_kdump(state, StreamSink(f.fileno(), "file"), progress=rec)
+        assert [p[0] for p in rec.phases] == ["searching for VMCOREINFO", "converting"]
+        assert rec.phases[1] == ["converting", ram, ram] and 0 < rec.phases[0][2] <= ram
+    result = run_cli(guest_vmrs, workdir / "q.kdump", "--progress")
+    assert result.returncode == 0 and "converting: " in result.stderr, result.stderr
