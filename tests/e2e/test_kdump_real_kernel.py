@@ -10,6 +10,7 @@ ELF core's.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
 import shutil
@@ -40,8 +41,9 @@ def kdump_files(real_vmrs: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     _run_cli([str(real_vmrs), str(files["elf"])])
     _run_cli([str(real_vmrs), str(files["zlib"])])
     _run_cli([str(real_vmrs), str(files["zstd"]), "--compress", "zstd"])
-    files["snappy"] = work / "guest-snappy.kdump"
-    _run_cli([str(real_vmrs), str(files["snappy"]), "--compress", "snappy"])
+    if importlib.util.find_spec("cramjam") is not None:       # the optional snappy codec (test extra)
+        files["snappy"] = work / "guest-snappy.kdump"
+        _run_cli([str(real_vmrs), str(files["snappy"]), "--compress", "snappy"])
     _run_cli([str(real_vmrs), "-", "--format", "kdump"], stdout_path=files["flat"])
     return files
 
@@ -148,6 +150,8 @@ def test_crash_rd_pages_match_the_elf_core(crash_runs: dict[str, dict[str, str]]
 
 @pytest.mark.parametrize("codec", ["zlib", "zstd", "snappy"])
 def test_drgn_opens_kdump(lab: config.LabConfig, guest: Capture, kdump_files: dict[str, Path], codec: str) -> None:
+    if codec not in kdump_files:
+        pytest.skip("cramjam (the snappy codec) is not installed")
     ours = readers.run_drgn_checks(kdump_files[codec], guest.marker, None, lab)
     elf = readers.run_drgn_checks(kdump_files["elf"], guest.marker, None, lab)
     assert ours["release"] == guest.release
@@ -178,6 +182,8 @@ def _up_to_user(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("codec", ["zlib", "zstd", "snappy"])
 def test_drgn_pages_match_the_elf_core(lab: config.LabConfig, guest: Capture, kdump_files: dict[str, Path],
                                        codec: str) -> None:
+    if codec not in kdump_files:
+        pytest.skip("cramjam (the snappy codec) is not installed")
     sample = _pages(guest)
     beyond = _ram_end(guest)                      # first PFN past guest RAM: not in the dump
     got = _drgn_pages(lab, kdump_files[codec], [*sample, beyond])
