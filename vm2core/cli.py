@@ -24,7 +24,7 @@ from vm2core.core.convert import Progress, convert
 from vm2core.core.sizing import parse_size, planned_core_size
 from vm2core.errors import OutputError, SizeLimitError, UsageError, Vm2coreError
 from vm2core.progress import LogProgress, TerminalProgress, human_bytes
-from vm2core.reader.backend import BACKENDS, open_saved_state
+from vm2core.reader.backend import BACKENDS, SavedStateFace, open_saved_state
 from vm2core.reader.salvage import EXIT_WITH_LOSSES, SalvageReport
 from vm2core.reader.xpress import check_backend
 from vm2core.signals import Interrupted, cleanup_on_termination
@@ -32,6 +32,8 @@ from vm2core.sinks.base import Sink
 from vm2core.sinks.file import FileSink, StdoutSink, open_output, remove_pending_outputs, write_beside
 from vm2core.sinks.hashing import HashingSink
 from vm2core.sinks.zstd import DEFAULT_LEVEL, ZSTD_SUFFIXES, ZstdSink, parse_level
+
+KDUMP_CODECS = ["zlib", "zstd", "snappy", "none"]     # vm2core.core.kdump.CODECS (imported lazily)
 
 EXIT_OK, EXIT_OUTPUT, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 PLANNED_SIZE_PREFIX = "planned core size: "     # printed before streaming, with the progress
@@ -274,13 +276,25 @@ class _ConvertCommand(click.Command):
 @click.option("--max-size", "max_size", metavar="SIZE",
               help="Refuse (exit 2, nothing written) a core larger than SIZE, e.g. 64G or 512M. "
                    "The planned size is shown with the progress.")
+@click.option("--format", "out_format", type=click.Choice(["elf", "kdump"]), default=None,
+              help="elf (default): an ELF vmcore, read by every tool. kdump: makedumpfile's kdump-compressed "
+                   "format, pages compressed one by one, opened in place by crash and drgn (no decompressing); "
+                   "implied by an OUTPUT ending in .kdump. To standard output or a pipe it is written in "
+                   "makedumpfile's flattened form (crash reads it; makedumpfile -R makes the file form).")
+@click.option("--compress", "compress", type=click.Choice(KDUMP_CODECS), default=None,
+              help="Page compression of --format kdump (default zlib, read by every crash and drgn build). "
+                   "zstd: smaller and faster; needs crash >= 7.3.1 built with zstd (Debian, Fedora and RHEL "
+                   "packages are; plain upstream `make` is not) or drgn's PyPI wheels / libkdumpfile >= 0.5.0 "
+                   "with zstd. snappy: needs the optional package cramjam and a crash built with snappy. "
+                   "none: raw pages. LZO is not offered (no maintained Python package with wheels).")
 @_backend_options
 @_vm_options
 def convert_cmd(paths: tuple[str, ...], force: bool, quiet: bool, progress: bool | None,
                 exclude_zero: bool, zstd: bool, zstd_level_text: str | None, ssh_target: str | None,
                 ssh_options: tuple[str, ...], ssh_accept_new: bool, verify: bool, want_sha256: bool, backend: str,
                 dll: Path | None, vm: str | None, checkpoint: str | None, dirs: tuple[Path, ...], salvage: bool,
-                salvage_report: Path | None, max_size: str | None) -> None:
+                salvage_report: Path | None, max_size: str | None, out_format: str | None,
+                compress: str | None) -> None:
     """Convert INPUT (.vmrs, or a legacy .vsv and .bin in either order) into an ELF core at OUTPUT
     ("-" for standard output) or on a remote host.
 
@@ -291,7 +305,8 @@ def convert_cmd(paths: tuple[str, ...], force: bool, quiet: bool, progress: bool
     upload goes to PATH.<hex>.partial and is renamed when complete. The core carries one PT_LOAD per
     guest RAM range, NT_PRSTATUS and QEMU-style CPU notes for every virtual processor, and the
     guest kernel's own VMCOREINFO note, so `crash vmlinux OUTPUT` and `drgn -c OUTPUT` need no
-    extra options.
+    extra options. With --format kdump (or OUTPUT ending in .kdump) the same contents are written
+    in makedumpfile's kdump-compressed format, which crash and drgn open without decompressing.
     """
 
     def run(**kwargs: Any) -> None:
@@ -301,7 +316,8 @@ def convert_cmd(paths: tuple[str, ...], force: bool, quiet: bool, progress: bool
     _run(run, force=force, quiet=quiet, progress=progress, exclude_zero=exclude_zero,
          zstd=zstd, zstd_level_text=zstd_level_text, ssh_target=ssh_target, ssh_options=ssh_options,
          accept_new=ssh_accept_new, verify=verify, want_sha256=want_sha256, backend=backend, dll=dll,
-         vm=vm, checkpoint=checkpoint, dirs=dirs, salvage=salvage, salvage_report=salvage_report, max_size=max_size)
+         vm=vm, checkpoint=checkpoint, dirs=dirs, salvage=salvage, salvage_report=salvage_report, max_size=max_size,
+         out_format=out_format, compress=compress)
 
 
 def _check_usage(output: str | None, *, force: bool, zstd: bool, zstd_level_text: str | None,
@@ -373,11 +389,12 @@ def _convert(inputs: list[Path], output: str | None, *, force: bool, quiet: bool
              ssh_options: tuple[str, ...], accept_new: bool, verify: bool, want_sha256: bool,
              backend: Any = "auto", dll: Path | None = None, vm: str | None = None, checkpoint: str | None = None,
              dirs: tuple[Path, ...] = (), salvage: bool = False, salvage_report: Path | None = None,
-             max_size: str | None = None) -> None:
+             max_size: str | None = None, out_format: str | None = None, compress: str | None = None) -> None:
     _check_salvage_options(salvage, salvage_report)
     zstd_level, digest_file = _check_usage(output, force=force, zstd=zstd, zstd_level_text=zstd_level_text,
                                            ssh_target=ssh_target, ssh_options=ssh_options, accept_new=accept_new,
                                            verify=verify, want_sha256=want_sha256)
+    kdump = _kdump_format(out_format, compress, output, ssh_target, zstd_level, exclude_zero, max_size)
     try:
         size_limit = None if max_size is None else parse_size(max_size)
     except ValueError as e:
@@ -392,6 +409,13 @@ def _convert(inputs: list[Path], output: str | None, *, force: bool, quiet: bool
             rep.warn("--exclude-zero: the DLL reports no zero-page metadata, so nothing is left out")
         if state.dirty:
             rep.warn(f"{input_path}: the replay log holds uncommitted changes; memory may be incomplete")
+        if kdump:
+            _convert_kdump(state, inputs, output, rep, force=force, compress=compress or "zlib",
+                           ssh_target=ssh_target, ssh_options=ssh_options, accept_new=accept_new, verify=verify,
+                           want_sha256=want_sha256, digest_file=digest_file)
+            if salvage:
+                _finish_salvage(state.salvage_report(), salvage_report, "core written")
+            return
         for other in inputs:           # the .vsv of a pair is an input too
             _open_sink_guard(output, other)
         zeros = None
@@ -445,6 +469,82 @@ def _write_digest_file(target: Path, core: Path, digest: str, *, force: bool) ->
     """``OUTPUT.sha256`` in sha256sum's format, so ``sha256sum -c`` checks the core (never
     replacing an existing file without -f, never half-written)."""
     write_beside(target, f"{digest}  {core.name}\n".encode("ascii"), force=force, what="the digest")
+
+
+def _kdump_format(out_format: str | None, compress: str | None, output: str | None, ssh_target: str | None,
+                  zstd_level: int | None, exclude_zero: bool, max_size: str | None) -> bool:
+    """True for --format kdump (or an OUTPUT ending in .kdump); refuses the options that cannot go with it."""
+    name = (output if output not in (None, "-") else ssh_target) or ""
+    bare = name.lower()
+    for suffix in ZSTD_SUFFIXES:
+        bare = bare[:-len(suffix)] if bare.endswith(suffix) else bare
+    if (out_format or ("kdump" if bare.endswith(".kdump") else "elf")) == "elf":
+        if compress is not None:
+            raise UsageError("--compress chooses the page compression of --format kdump (for an ELF core use --zstd)")
+        return False
+    if zstd_level is not None:
+        raise UsageError("--format kdump compresses every page itself: a --zstd (.zst) stream around it gains "
+                         "nothing and crash could not open it; use --compress zstd")
+    if exclude_zero:
+        raise UsageError("--exclude-zero is for ELF cores: a kdump core always stores zero pages as one shared page")
+    if max_size is not None:
+        raise UsageError("--max-size bounds an ELF core (its size is known before writing); a kdump core's size "
+                         "depends on how well its pages compress")
+    return True
+
+
+def _convert_kdump(state: SavedStateFace, inputs: list[Path], output: str | None, rep: _Reporter, *, force: bool,
+                   compress: str, ssh_target: str | None, ssh_options: tuple[str, ...], accept_new: bool,
+                   verify: bool, want_sha256: bool, digest_file: Path | None) -> None:
+    """--format kdump: the file form on a file or an upload, the flattened form on a pipe."""
+    from vm2core.core.kdump import convert_kdump
+    from vm2core.sinks.hashing import file_sha256
+
+    input_path = state.path
+    for other in inputs:           # the .vsv of a pair is an input too
+        _open_sink_guard(output, other)
+    # The output is created inside the guarded region: whatever fails from now on removes it.
+    sink: Sink | None = None
+    digest = None
+    try:
+        base = _open_sink(output, force, input_path, ssh_target, ssh_options, accept_new, verify)
+        sink = base
+        # A local file is hashed by reading it back once complete (its descriptor table is filled in
+        # after the pages); on any other output the digest covers the (flattened) bytes streamed.
+        temp_path = getattr(base, "temp_path", None) if base.positional else None
+        hashing = HashingSink(base) if want_sha256 and temp_path is None else None
+        sink = hashing or base
+        result = convert_kdump(state, sink, compress=compress, progress=rep.progress, warn=rep.warn)
+        if want_sha256 and temp_path is not None:
+            digest = file_sha256(temp_path)
+        sink.commit()
+    except BaseException:
+        if sink is not None:
+            sink.abort()
+        raise
+    if hashing is not None:
+        digest = hashing.hexdigest()
+    k = result.selection.kernel
+    if k is not None:
+        pb = "unknown" if k.phys_base is None else f"{k.phys_base:#x}"
+        rep.say(f"guest kernel {k.osrelease}, KERNELOFFSET={k.kernel_offset or 0:#x}, phys_base={pb}")
+    assert result.kdump is not None
+    form = "flattened kdump-compressed" if result.flattened else "kdump-compressed"
+    rep.say(f"wrote {human_bytes(base.position)} ({form}, {compress}; {human_bytes(result.kdump.pages * 4096)} of "
+            f"RAM, {result.zero_pages} zero pages, {result.shared_pages} shared) to {base.description}: "
+            f"{len(state.vps)} CPUs"
+            + (", VMCOREINFO from guest memory" if k else ", no VMCOREINFO"))
+    if result.flattened:
+        rep.say("flattened form (the output cannot seek): crash reads it as is; `makedumpfile -R FILE < IT` "
+                "turns it into the file form")
+    if digest is not None:
+        click.echo(f"{digest}  {output if output not in (None, '-') else (ssh_target or '-')}", err=output == "-")
+        if digest_file is not None and isinstance(base, FileSink):
+            _write_digest_file(digest_file, base.target, digest, force=force)
+    for note in getattr(base, "notes", []):
+        rep.say(note)
+    if ssh_target is not None:
+        rep.say(base.remote_hint(compressed=False))  # type: ignore[attr-defined]
 
 
 @main.command()

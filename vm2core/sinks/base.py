@@ -73,6 +73,14 @@ class Sink(abc.ABC):
         """Overwrite already-written bytes (only when ``seekable``)."""
         raise NotImplementedError("this output cannot be patched")
 
+    #: True when :meth:`write_at` works: bytes can be placed anywhere below ``position`` after
+    #: it moved past them (a reserved table filled in later).  File and SFTP outputs.
+    positional: bool = False
+
+    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at ``offset`` < ``position`` without moving ``position``."""
+        raise NotImplementedError("this output cannot write at an offset")
+
     @abc.abstractmethod
     def commit(self) -> None:
         """Finish successfully: flush, and move the result under its final name."""

@@ -219,7 +219,12 @@ class FileSink(Sink):
                 self._use_cfr = False
         super().copy_from(src, offset, length)
 
-    def patch(self, offset: int, data: bytes) -> None:
+    positional = True
+
+    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.patch(offset, data)
+
+    def patch(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         try:
             self._fh.seek(offset)
             self._fh.write(data)

@@ -9,6 +9,7 @@ path) when it wraps a file sink in a ``HashingSink``.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 from vm2core.sinks.base import ZERO_CHUNK, Sink
 
@@ -54,3 +55,17 @@ class HashingSink(Sink):
     @property
     def description(self) -> str:
         return self.inner.description
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a finished file, read back in 1 MiB pieces (for outputs completed by positional
+    writes, whose bytes did not stream in order)."""
+    h = hashlib.sha256()
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(view)
+            if not n:
+                return h.hexdigest()
+            h.update(view[:n])

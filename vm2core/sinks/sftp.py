@@ -117,6 +117,9 @@ class SftpSink(Sink):
         self.path = self.target.path
         self.partial_path = f"{self.path}.{secrets.token_hex(4)}.partial"
         self._hash = hashlib.sha256() if verify else None
+        # Every SSH_FXP_WRITE carries its offset, so bytes can be placed anywhere -- unless the
+        # streamed bytes must hash to the file's (--verify): then only appends.
+        self.positional = not verify
         self._buffer = bytearray()
         self._done = False
         self._sending = False
@@ -166,6 +169,15 @@ class SftpSink(Sink):
         self.position += skip
         self._file.seek(self.position)
         self.write(b"\0")
+
+    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write below ``position`` (a table reserved earlier), pipelined like every other write."""
+        assert self.positional and offset + len(data) <= self.position
+        self._flush()
+        assert self._file is not None, "write after commit/abort"
+        self._file.seek(offset)
+        self._send(data)
+        self._file.seek(self.position)
 
     def commit(self) -> None:
         """Flush, wait for every write reply, check size (and digest), then rename."""
