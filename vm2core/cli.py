@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,18 @@ def _vm_arguments(input_path: Path | None, output: str | None, vm: str | None,
     if output is not None:
         raise click.UsageError("with --vm give only OUTPUT, not INPUT")
     return None, None if input_path is None else str(input_path)
+
+
+def _input_chooser(input_paths: tuple[Path, ...], vm: str | None, checkpoint: str | None,
+                   dirs: tuple[Path, ...], too_many: str) -> Callable[[], list[Path]]:
+    """INPUT [INPUT2] or --vm for info and dmesg: usage checked now, the VM looked up later (inside
+    ``_run``, since the lookup reads host files and its errors are one line)."""
+    if len(input_paths) > 2:
+        raise click.UsageError(too_many)
+    if input_paths and vm is not None:
+        raise click.UsageError("give INPUT or --vm, not both")
+    _vm_arguments(input_paths[0] if input_paths else None, None, vm, checkpoint)
+    return lambda: list(input_paths) or [_pick_input(None, vm, checkpoint, dirs)]
 
 
 def _backend_options(func: Any) -> Any:
@@ -571,18 +584,9 @@ def info(input_paths: tuple[Path, ...], as_json: bool, no_scan: bool, progress: 
     With the kernel found, also the last lines of its log, and a one-line summary at the top when
     the log holds an oops, panic, BUG, soft/hard lockup or hung-task report.
     """
-    if len(input_paths) > 2:
-        raise click.UsageError("give one .vmrs, or a .vsv and its .bin")
-    if input_paths and vm is not None:
-        raise click.UsageError("give INPUT or --vm, not both")
-    _vm_arguments(input_paths[0] if input_paths else None, None, vm, checkpoint)
-
-    def run() -> None:
-        inputs = list(input_paths) or [_pick_input(None, vm, checkpoint, dirs)]
-        _info(inputs, as_json, not no_scan, progress, backend, dll, salvage=salvage, salvage_report=salvage_report,
-              force=force, log_lines=log_lines)
-
-    _run(run)
+    inputs = _input_chooser(input_paths, vm, checkpoint, dirs, "give one .vmrs, or a .vsv and its .bin")
+    _run(lambda: _info(inputs(), as_json, not no_scan, progress, backend, dll, salvage=salvage,
+                       salvage_report=salvage_report, force=force, log_lines=log_lines))
 
 
 @main.command("list")
@@ -753,17 +757,8 @@ def dmesg(input_paths: tuple[Path, ...], as_json: bool, tail: int | None, since_
     Exit code 2 when there is no VMCOREINFO, the kernel has no printk buffer (CONFIG_PRINTK=n),
     or a key the log needs is missing.
     """
-    if len(input_paths) > 2:
-        raise click.UsageError("give one saved state or core, or a .vsv and its .bin")
-    if input_paths and vm is not None:
-        raise click.UsageError("give INPUT or --vm, not both")
-    _vm_arguments(input_paths[0] if input_paths else None, None, vm, checkpoint)
-
-    def run() -> None:
-        inputs = list(input_paths) or [_pick_input(None, vm, checkpoint, dirs)]
-        _dmesg(inputs, as_json, tail, since_clear, progress, verbose, backend, dll)
-
-    _run(run)
+    inputs = _input_chooser(input_paths, vm, checkpoint, dirs, "give one saved state or core, or a .vsv and its .bin")
+    _run(lambda: _dmesg(inputs(), as_json, tail, since_clear, progress, verbose, backend, dll))
 
 
 def _dmesg(inputs: list[Path], as_json: bool, tail: int | None, since_clear: bool, progress: bool | None,
