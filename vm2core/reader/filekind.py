@@ -65,7 +65,9 @@ class FileKind:
 
 
 class NoMemoryError(FormatError):
-    """The file is valid but holds no guest memory; the message says what it is instead."""
+    """The file holds no guest memory (decided from its key tree); the message says what it is instead.
+
+    The structure is the key tree, as for any error; the line shown is the plain answer alone."""
 
     def __str__(self) -> str:
         return f"{self.path} {self.message}" if self.path is not None else self.message
@@ -152,5 +154,5 @@ def require_memory(c: HyperVStorage) -> FileKind:
     kind = classify(c)
     message = no_memory_message(kind, c.path)
     if message is not None:
-        raise NoMemoryError(message, path=c.path)
+        raise NoMemoryError(message, path=c.path, structure="key tree")
     return kind
