@@ -644,3 +644,22 @@ def test_make_sample_vmrs_default_is_a_linux_guest(tmp_path: Path) -> None:
                   for r in state.ranges for off in range(0, r.size, MIB))
         kernel = select_kernel(scan(chunks).candidates, state, state.vps).kernel
     assert kernel is not None and kernel.osrelease.startswith("6.1.")
+
+
+def test_make_sample_vmrs_has_a_kernel_log(tmp_path: Path) -> None:
+    """The README's step 1 shows `info` with the log's last lines: the sample carries a small printk ring."""
+    from tests.conftest import run_cli
+    from tests.fixtures.synthetic_guest import SAMPLE_LOG
+
+    out = tmp_path / "sample.vmrs"
+    run_script(str(out))
+    result = run_cli("dmesg", out)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert [line.partition("] ")[2] for line in lines] == [text.decode() for text in SAMPLE_LOG]
+    assert lines[1].startswith("[    0.250017] ")     # ts_nsec 250,017,000: seconds.microseconds
+    # more lines asked for than the log has: all of them, in order
+    assert run_cli("dmesg", "--tail", "100", out).stdout.decode().splitlines() == lines
+    assert run_cli("dmesg", "--tail", "2", out).stdout.decode().splitlines() == lines[-2:]
+    shown = run_cli("info", "--log-lines", "50", out).stdout.decode()
+    assert "last 6 lines" in shown and all(line in shown for line in lines)

@@ -774,13 +774,13 @@ def _dmesg(inputs: list[Path], as_json: bool, tail: int | None, since_clear: boo
         rep.warn(f"{input_path}: kernel log: {warning}")
     records = log.since_clear() if since_clear else log.records
     if tail is not None:
-        records = records[len(records) - tail:] if tail else []
+        records = records[max(0, len(records) - tail):] if tail else []
     out = sys.stdout.buffer
     if as_json:
         out.write(b"".join(json.dumps(record_json(r)).encode() + b"\n" for r in records))
     elif log.raw is not None:                  # legacy buffer: its characters as they are (no clear point)
         lines = log.raw.splitlines(keepends=True)
-        out.write(b"".join(lines if tail is None else lines[len(lines) - tail:] if tail else []))
+        out.write(b"".join(lines if tail is None else lines[max(0, len(lines) - tail):] if tail else []))
     else:
         out.write(format_log(log, records))
     out.flush()

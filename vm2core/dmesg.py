@@ -95,4 +95,4 @@ def log_report(state: SavedState, kernel: GuestKernel, lines: int) -> dict[str, 
         return {"error": e.message}
     text = format_log(log).decode("ascii", "replace").splitlines()
     return {"format": log.kind, "records": len(log.records), "summary": summary(log.records),
-            "warnings": log.warnings, "last_lines": text[len(text) - lines:] if lines else []}
+            "warnings": log.warnings, "last_lines": text[max(0, len(text) - lines):] if lines else []}
