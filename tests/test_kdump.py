@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import resource
 import signal
 import struct
 import subprocess
@@ -312,6 +311,7 @@ def test_sha256_of_the_flattened_stream(guest_vmrs: Path, workdir: Path) -> None
     assert hashlib.sha256((workdir / "g.flat").read_bytes()).hexdigest() in result.stderr
 
 
+@pytest.mark.posix
 @pytest.mark.parametrize("limit", [4096, 64 * 1024, "end-1"])
 def test_disk_full_leaves_nothing(guest_vmrs: Path, workdir: Path, limit: int | str) -> None:
     size = len(_kdump(guest_vmrs, workdir / "ref.kdump"))
@@ -319,6 +319,8 @@ def test_disk_full_leaves_nothing(guest_vmrs: Path, workdir: Path, limit: int | 
     cap = size - 1 if limit == "end-1" else int(limit)
 
     def small_disk() -> None:
+        import resource  # POSIX only (this test is marked posix)
+
         resource.setrlimit(resource.RLIMIT_FSIZE, (cap, cap))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
@@ -436,6 +438,7 @@ def test_peak_rss_stays_flat_on_a_large_guest(tmp_path: Path, guest: SyntheticGu
         out.unlink()
 
 
+@pytest.mark.posix
 @pytest.mark.parametrize("options", [[], ["--compress", "zstd", "--sha256"]], ids=" ".join)
 def test_ctrl_c_while_writing_a_kdump_file(tmp_path_factory: pytest.TempPathFactory, guest: SyntheticGuest,
                                            workdir: Path, options: list[str]) -> None:

@@ -85,3 +85,20 @@ def hmp_registers_by_name(vcpu: dict[str, Any]) -> dict[str, int]:
     out["fs_base"] = vcpu["segments"]["fs"]["base"]
     out["gs_base"] = vcpu["segments"]["gs"]["base"]
     return out
+
+
+KERNEL_HALF = 0xFFFF_8000_0000_0000      # x86_64 kernel addresses start here (user space below)
+
+
+def up_to_user(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """drgn's frames up to and including the first user-space one.
+
+    Past it readers differ, not contents: drgn's own page-table walk stops at a user stack it cannot
+    read, while a core whose PT_LOADs claim p_vaddr 0 (QEMU's dump-guest-memory without paging) or a
+    kdump file read through libkdumpfile lets it go on unwinding over zeros."""
+    out = []
+    for frame in frames:
+        out.append(frame)
+        if frame["pc"] < KERNEL_HALF:
+            break
+    return out

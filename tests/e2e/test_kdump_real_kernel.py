@@ -22,14 +22,13 @@ from typing import Any
 import pytest
 
 from scripts.lab import capture, config, readers
-from tests.e2e.helpers import BASELINE_CRASH_COMMANDS, Capture, parse_ps
+from tests.e2e.helpers import BASELINE_CRASH_COMMANDS, Capture, parse_ps, up_to_user
 from tests.e2e.test_real_kernel import _run_cli, real_vmrs  # noqa: F401 - the shared .vmrs fixture
 
 pytestmark = pytest.mark.e2e
 
 PAGE = 4096
 DRGN_PAGES = Path(readers.__file__).with_name("drgn_pages.py")
-KERNEL_HALF = 0xFFFF_8000_0000_0000      # x86_64 kernel addresses start here (user space below)
 CRASH_RD_PAGES = 6                      # pages read back through crash's rd -p (each 512 lines of output)
 
 
@@ -166,17 +165,8 @@ def test_drgn_opens_kdump(lab: config.LabConfig, guest: Capture, kdump_files: di
         # on the ELF core (its own page-table walk does not read the user stack) but, through
         # libkdumpfile, keeps unwinding over a user stack it reads as zeros: a reader difference, not a
         # content one (every sampled page equals the ELF core's: test_drgn_pages_match_the_elf_core).
-        assert _up_to_user(entry["frames"]) == _up_to_user(reference["frames"]), (entry, reference)
+        assert up_to_user(entry["frames"]) == up_to_user(reference["frames"]), (entry, reference)
         assert entry["frames"][0]["pc"] == vcpu["regs"]["rip"]
-
-
-def _up_to_user(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for frame in frames:
-        out.append(frame)
-        if frame["pc"] < KERNEL_HALF:
-            break
-    return out
 
 
 @pytest.mark.parametrize("codec", ["zlib", "zstd", "snappy"])

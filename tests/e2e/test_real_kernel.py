@@ -30,6 +30,7 @@ from tests.e2e.helpers import (
     kernel_mode,
     parse_ps,
     shows_saved_registers,
+    up_to_user,
 )
 
 pytestmark = pytest.mark.e2e
@@ -317,7 +318,12 @@ def test_drgn_stack_trace_per_cpu(our_drgn: dict[str, Any], qemu_drgn: dict[str,
     for vcpu in guest.vcpus:
         ours = our_drgn["cpus"][str(vcpu["index"])]
         assert "error" not in ours, ours
-        assert ours == qemu_drgn["cpus"][str(vcpu["index"])]
+        reference = qemu_drgn["cpus"][str(vcpu["index"])]
+        assert {k: v for k, v in ours.items() if k != "frames"} == \
+            {k: v for k, v in reference.items() if k != "frames"}
+        # Every kernel frame and the first user-space one; past it QEMU's core (p_vaddr 0 on every
+        # PT_LOAD) lets drgn unwind on over zeros, where ours (kdump-style p_vaddr) stops: see up_to_user.
+        assert up_to_user(ours["frames"]) == up_to_user(reference["frames"]), (ours, reference)
         if kernel_mode(vcpu):
             assert ours["frames"][0]["pc"] == vcpu["regs"]["rip"]
 
@@ -397,10 +403,9 @@ def _gdb(*args: str) -> str:
 
 def test_gdb_reads_the_core_by_virtual_address(lab: config.LabConfig, conversion: Conversion,
                                                guest: Capture) -> None:
-    # The command. (Alone it proves little: gdb falls back to vmlinux's own .data, whose static
-    # init_uts_ns holds the release too.)
-    literal = _gdb(str(lab.vmlinux), str(conversion.core), "-ex", "print init_uts_ns.name.release")
-    assert f'"{guest.release}"' in literal, literal
+    # Not `gdb vmlinux CORE` alone: with KASLR gdb reads symbols at their link-time addresses, which may fall
+    # inside the core's image PT_LOAD at another offset (garbage) or outside it (vmlinux's own static .data,
+    # which proves nothing); README "Virtual addresses" says so.
     # Only the core can answer this: the kernel image at its runtime address (symbols moved by KERNELOFFSET,
     # no exec file to fall back to) holds saved_command_line, which points into the direct map.
     offset = _kernel_offset(guest)

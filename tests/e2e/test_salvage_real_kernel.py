@@ -105,15 +105,20 @@ def _damage(source: Path, target: Path, block: int) -> None:
         f.write(blob)
 
 
+KERNEL_MAP_BASE = 0xFFFF_FFFF_8000_0000     # x86_64 __START_KERNEL_map: the image's virtual addresses
+
+
 def _pt_loads(core: Path) -> list[tuple[int, int, int]]:
+    """(p_paddr, p_offset, p_filesz) of the RAM PT_LOADs."""
     with core.open("rb") as f:
         ehdr = ELF_HEADER.unpack(f.read(ELF_HEADER.size))
         f.seek(ehdr[5])
         raw = f.read(ehdr[9] * ehdr[10])
     out = []
     for i in range(ehdr[10]):
-        p_type, _f, offset, _v, paddr, filesz, _m, _a = PROGRAM_HEADER.unpack_from(raw, i * ehdr[9])
-        if p_type == PT_LOAD:
+        p_type, _f, offset, vaddr, paddr, filesz, _m, _a = PROGRAM_HEADER.unpack_from(raw, i * ehdr[9])
+        # RAM only: the kdump-style image PT_LOAD (vaddr in the kernel map) repeats RAM bytes.
+        if p_type == PT_LOAD and vaddr < KERNEL_MAP_BASE:
             out.append((paddr, offset, filesz))
     return out
 
