@@ -129,7 +129,11 @@ class SftpSink(Sink):
         try:
             self._sftp = _open_sftp(self._transport, self.settings)
             self._file = self._create_partial()
-        except BaseException:
+        except BaseException as exc:
+            if not isinstance(exc, Exception) and not self._done and hasattr(self, "_sftp"):
+                # Interrupted after the partial file may exist (e.g. as _create_partial returned).
+                with contextlib.suppress(Exception):
+                    self._cleanup()
             with contextlib.suppress(Exception):
                 self._sftp.close()
             self._transport.close()
@@ -286,6 +290,13 @@ class SftpSink(Sink):
         except (OSError, *_CONNECTION_ERRORS) as exc:
             raise OutputError(f"cannot create {self.settings.location(self.partial_path)}: "
                               f"{_reason(exc)}") from exc
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM) inside the open request: the server may already have
+            # created the file.  Its name is this run's own random one, so remove it, over a fresh
+            # channel (this one's reply was never read).
+            self._sending = True
+            self._cleanup()
+            raise
         try:
             with contextlib.suppress(OSError):  # some servers (Windows) have no modes; uploads still work
                 remote.chmod(0o600)
@@ -295,6 +306,8 @@ class SftpSink(Sink):
         except BaseException as exc:
             # The partial file exists: remove it before giving up (also on Ctrl-C).
             self._file = remote
+            # An interrupt lands inside one of these requests: clean up over a fresh channel.
+            self._sending = not isinstance(exc, Exception)
             left = self._cleanup()
             if isinstance(exc, Exception):
                 raise OutputError(f"cannot prepare {self.settings.location(self.partial_path)}: "
