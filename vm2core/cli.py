@@ -57,7 +57,7 @@ Examples:
   vm2core info GUEST.vmrs
   vm2core list DIR                      (on Windows: vm2core list)
   vm2core --vm "web 01" --checkpoint before-upgrade web01.core
-  vm2core dmesg GUEST.vmrs                (or GUEST.core)
+  vm2core dmesg GUEST.vmrs              (or GUEST.core)
 \b
 Windows PowerShell 5.1 corrupts binary data in pipes and > redirections: write to an OUTPUT file,
 use --ssh, or run the pipe in cmd: cmd /c "vm2core x.vmrs - | zstd > x.zst" (PowerShell >= 7.4 is
