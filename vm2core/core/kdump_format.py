@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import struct
 
+from vm2core.guest.utsname import UTSNAME_SIZE
+
 BLOCK_SIZE = 4096                    # block_size = page size on x86_64 (§2)
 
 # --- struct disk_dump_header, block 0 (§2; 464 bytes, rest of the block zero) --------------------
 SIGNATURE = b"KDUMP   "              # KDUMP + 3 spaces, no NUL ("DISKDUMP" is the legacy format)
 HEADER_VERSION = 6                   # v6: start_pfn_64, end_pfn_64, max_mapnr_64 in the sub header
-UTS_FIELD = 65                       # __NEW_UTS_LEN + 1; six fields: sysname, nodename, release,
-UTS_FIELDS = 6                       # version, machine, domainname (struct new_utsname)
-UTSNAME_SIZE = UTS_FIELD * UTS_FIELDS
 DISK_DUMP_HEADER = struct.Struct(
     "<8s"      # 0   signature
     "i"        # 8   header_version
-    "390s"     # 12  utsname
+    f"{UTSNAME_SIZE}s"  # 12  utsname: struct new_utsname, 6 x 65 bytes (guest/utsname.py)
     "6x"       # 402 padding (timeval is 8-byte aligned)
     "q"        # 408 timestamp.tv_sec
     "q"        # 416 timestamp.tv_usec: must stay 0 (§12.1, libkdumpfile 32/64-bit misdetection)

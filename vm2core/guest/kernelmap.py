@@ -18,14 +18,13 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-from ..reader.memory import NotInMemory, PhysicalMemory
-from .kernelmem import KERNEL_MAP_BASE, KernelMemory, MissingKey, number, symbol
+from ..reader.memory import PAGE_SIZE, NotInMemory, PhysicalMemory
+from .kernelmem import KernelMemory, MissingKey, number, symbol
 from .paging import TranslationError
-from .vmcoreinfo import GuestKernel
+from .vmcoreinfo import KERNEL_MAP_BASE, GuestKernel
 
 PUD_SIZE = 1 << 30                          # page_offset_base is randomized in PUD steps (kaslr.c)
 PMD_SIZE = 2 << 20
-PAGE_SIZE = 4096
 DEFAULT_IMAGE_SIZE = 1 << 30                # KERNEL_IMAGE_SIZE with KASLR
 MAX_IMAGE_GAP = 64                          # unmapped 2 MiB granules that end the image scan
 # The direct map lies in the upper half below the kernel image: 0xffff8880_00000000 (4-level) or

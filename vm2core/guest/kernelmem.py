@@ -11,20 +11,17 @@ vm2core (which has the note but no live CR3 of interest) reads the same way as a
 
 from __future__ import annotations
 
-import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from ..reader.memory import NotInMemory, PhysicalMemory
 from .paging import CR4_LA57, AddressSpace, TranslationError
+from .vmcoreinfo import KERNEL_MAP_BASE, BadValue, hex_value, signed_value
 
-KERNEL_MAP_BASE = 0xFFFF_FFFF_8000_0000     # __START_KERNEL_map (arch/x86/include/asm/page_64_types.h)
 MASK64 = (1 << 64) - 1
 MAX_READ = 1 << 31                         # LOG_BUF_LEN_MAX: nothing the log reader wants is larger
 
 _U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
-_HEX = re.compile(r"[0-9a-fA-F]{1,16}")
-_SIGNED = re.compile(r"-?[0-9]{1,20}")
 
 
 class MissingKey(LookupError):
@@ -37,22 +34,23 @@ class MissingKey(LookupError):
 
 def symbol(info: Mapping[str, str], name: str) -> int:
     """``SYMBOL(name)``: ``%lx``, a runtime virtual address (never add KERNELOFFSET to it)."""
-    value = info.get(f"SYMBOL({name})")
-    if value is None:
-        raise MissingKey(f"SYMBOL({name})")
-    if not _HEX.fullmatch(value):
-        raise MissingKey(f"SYMBOL({name})", f"malformed ({value[:30]!r})")
-    return int(value, 16)
+    return _required(info, f"SYMBOL({name})", hex_value)
 
 
 def number(info: Mapping[str, str], key: str) -> int:
     """``NUMBER()``/``SIZE()``/``OFFSET()``/``LENGTH()`` (``%ld``/``%lu``: signed decimal covers both)."""
-    value = info.get(key)
+    return _required(info, key, signed_value)
+
+
+def _required(info: Mapping[str, str], key: str, parse: Callable[[Mapping[str, str], str], int | None]) -> int:
+    """The value of ``key`` by the note parser's own rules; MissingKey when absent or malformed."""
+    try:
+        value = parse(info, key)
+    except BadValue:
+        raise MissingKey(key, f"malformed ({info[key][:30]!r})") from None
     if value is None:
         raise MissingKey(key)
-    if not _SIGNED.fullmatch(value):
-        raise MissingKey(key, f"malformed ({value[:30]!r})")
-    return int(value)
+    return value
 
 
 class CountingMemory:

@@ -9,6 +9,7 @@ only if its release is the note's OSRELEASE (reading 4 bytes off was makedumpfil
 
 from __future__ import annotations
 
+from vm2core.guest.kernelmem import MissingKey, number, symbol
 from vm2core.guest.vmcoreinfo import (
     KERNEL_MAP_BASE,
     UTS_FIELD_LENGTH,
@@ -47,10 +48,10 @@ def guest_utsname(kernel: GuestKernel | None, memory: PhysicalMemory) -> tuple[b
         return fallback_utsname(None), False
     info = kernel.vmcoreinfo
     try:
-        uts_ns = int(info["SYMBOL(init_uts_ns)"], 16)
-        offsets: tuple[int, ...] = ((int(info["OFFSET(uts_namespace.name)"]),)
+        uts_ns = symbol(info, "init_uts_ns")
+        offsets: tuple[int, ...] = ((number(info, "OFFSET(uts_namespace.name)"),)
                                     if "OFFSET(uts_namespace.name)" in info else UTS_NAME_OFFSET_GUESSES)
-    except (KeyError, ValueError):
+    except MissingKey:
         return fallback_utsname(kernel.osrelease), False
     if kernel.phys_base is None:
         return fallback_utsname(kernel.osrelease), False

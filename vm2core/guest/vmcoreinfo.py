@@ -10,7 +10,7 @@ debugger.  Facts and the selection rule: ``docs/elf-vmcore.md`` sections 2.5, 3 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from mmap import mmap
 
@@ -242,30 +242,30 @@ def parse_vmcoreinfo(text: bytes) -> dict[str, str]:
     return info
 
 
-class _BadValue(ValueError):
-    pass
+class BadValue(ValueError):
+    """A VMCOREINFO value that does not have its key's printf format."""
 
 
-def _parse(info: dict[str, str], key: str, pattern: re.Pattern[str], base: int) -> int | None:
+def _parse(info: Mapping[str, str], key: str, pattern: re.Pattern[str], base: int) -> int | None:
     value = info.get(key)
     if value is None:
         return None
     if not pattern.fullmatch(value):
-        raise _BadValue(f"malformed {key}={value[:40]!r}")
+        raise BadValue(f"malformed {key}={value[:40]!r}")
     return int(value, base)
 
 
-def _hex(info: dict[str, str], key: str) -> int | None:
+def hex_value(info: Mapping[str, str], key: str) -> int | None:
     """SYMBOL()/KERNELOFFSET: ``%lx``, hex without 0x."""
     return _parse(info, key, _HEX, 16)
 
 
-def _number(info: dict[str, str], key: str) -> int | None:
+def signed_value(info: Mapping[str, str], key: str) -> int | None:
     """NUMBER(): ``%ld``, signed decimal (phys_base may be negative)."""
     return _parse(info, key, _SIGNED_DECIMAL, 10)
 
 
-def _unsigned(info: dict[str, str], key: str) -> int | None:
+def _unsigned(info: Mapping[str, str], key: str) -> int | None:
     """PAGESIZE/OFFSET()/SIZE()/LENGTH(): unsigned decimal."""
     return _parse(info, key, _DECIMAL, 10)
 
@@ -444,13 +444,13 @@ def _evaluate(gpa: int, data: bytes, copies: int, memory: PhysicalMemory,
                         "treat the snapshot as a kdump)")
     try:
         pagesize = _unsigned(info, "PAGESIZE") or 0
-        stext = _hex(info, "SYMBOL(_stext)")
-        swapper = _hex(info, "SYMBOL(swapper_pg_dir)")
-        kernel_offset = _hex(info, "KERNELOFFSET")
-        phys_base = _number(info, "NUMBER(phys_base)")
-        init_uts_ns = _hex(info, "SYMBOL(init_uts_ns)")
+        stext = hex_value(info, "SYMBOL(_stext)")
+        swapper = hex_value(info, "SYMBOL(swapper_pg_dir)")
+        kernel_offset = hex_value(info, "KERNELOFFSET")
+        phys_base = signed_value(info, "NUMBER(phys_base)")
+        init_uts_ns = hex_value(info, "SYMBOL(init_uts_ns)")
         uts_name_offset = _unsigned(info, "OFFSET(uts_namespace.name)")
-    except _BadValue as bad:
+    except BadValue as bad:
         raise _Rejected(str(bad)) from None
     if pagesize <= 0 or pagesize & (pagesize - 1):
         raise _Rejected(f"PAGESIZE={info['PAGESIZE']} is not a power of two")
