@@ -73,7 +73,8 @@ class NoMemoryError(FormatError):
         return f"{self.path} {self.message}" if self.path is not None else self.message
 
 
-def _string(c: HyperVStorage, key: str) -> str | None:
+def optional_string(c: HyperVStorage, key: str) -> str | None:
+    """A string key's value, or None when it is absent or unreadable (these files are only described)."""
     try:
         return c.read_string(key)
     except FormatError:
@@ -105,7 +106,7 @@ def classify(c: HyperVStorage) -> FileKind:
     """The kind of file ``c`` is, from its keys (reads at most a few small values)."""
     has_ram = c.get(MEMORY_BLOCK_KEY.format(0)) is not None
     has_partition = c.get(PARTITION_STATE_KEY) is not None
-    stype = _string(c, SAVED_STATE_TYPE_KEY)
+    stype = optional_string(c, SAVED_STATE_TYPE_KEY)
     if has_ram:
         ranges, size = _memory(c)
         return FileKind(SAVED_STATE if has_partition else PARTIAL, memory_bytes=size, ranges=ranges,
@@ -114,7 +115,7 @@ def classify(c: HyperVStorage) -> FileKind:
         return FileKind(LEGACY)
     if c.get(REGISTRY_VMS_KEY) is not None or c.get(REGISTRY_FORMAT_KEY) is not None:
         return FileKind(HOST_REGISTRY)
-    name, guid = _string(c, CONFIG_NAME_KEY), _string(c, CONFIG_ID_KEY)
+    name, guid = optional_string(c, CONFIG_NAME_KEY), optional_string(c, CONFIG_ID_KEY)
     if name is not None or guid is not None or c.path.suffix.lower() == ".vmcx":
         return FileKind(VM_CONFIGURATION, name=name, guid=guid)
     if in_checkpoint_folder(c.path):

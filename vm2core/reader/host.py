@@ -34,13 +34,14 @@ from vm2core.reader.filekind import (
     CONFIG_NAME_KEY,
     GUID_RE,
     NO_SAVED_STATE,
+    REGISTRY_VMS_KEY,
     NoMemoryError,
     classify,
+    optional_string,
 )
 
 # hyperv-host-files.md §1.2: the host registry and its node names (_<UPPER-GUID>_).
 REGISTRY_FILE = "data.vmcx"
-REGISTRY_VMS = "/Configurations/VirtualMachines"
 REGISTRY_VMS_CACHE = "/Configurations/VirtualMachinesCache"
 # §2.1 keys of a .vmcx.
 TYPE_ID_KEY = "/configuration/properties/type_id"
@@ -184,13 +185,6 @@ def default_roots() -> list[Path]:
 
 # --- small readers -------------------------------------------------------------------------------
 
-def _string(c: HyperVStorage, key: str) -> str | None:
-    try:
-        return c.read_string(key)
-    except FormatError:
-        return None
-
-
 def _int(c: HyperVStorage, key: str) -> int | None:
     try:
         return c.read_int(key)
@@ -279,19 +273,19 @@ class _Config:
 
 def _read_config(path: Path) -> _Config:
     with HyperVStorage.open(path) as c:
-        global_id = _string(c, CONFIG_ID_KEY)
+        global_id = optional_string(c, CONFIG_ID_KEY)
         guid = normal_guid(path.stem) if is_guid(path.stem) else normal_guid(global_id or path.stem)
         subtype = _int(c, SUBTYPE_KEY)
         version = _int(c, VERSION_KEY)
-        logical = _string(c, LOGICAL_ID_KEY)
+        logical = optional_string(c, LOGICAL_ID_KEY)
         return _Config(
-            path=path, guid=guid, name=_string(c, CONFIG_NAME_KEY),
+            path=path, guid=guid, name=optional_string(c, CONFIG_NAME_KEY),
             logical_id=normal_guid(logical) if logical and is_guid(logical) else None,
-            type_id=_string(c, TYPE_ID_KEY),
+            type_id=optional_string(c, TYPE_ID_KEY),
             generation={0: 1, 1: 2}.get(subtype) if subtype is not None else None,
             version=None if version is None else f"{version >> 8}.{version & 0xff}",
             memory_mib=_int(c, MEMORY_MIB_KEY), processors=_int(c, PROCESSORS_KEY), created=_filetime(c),
-            snapshot_data_root=_string(c, SNAPSHOT_DATA_ROOT_KEY))
+            snapshot_data_root=optional_string(c, SNAPSHOT_DATA_ROOT_KEY))
 
 
 def runtime_state(config: Path) -> RuntimeState:
@@ -376,7 +370,7 @@ def read_registry(root: Path, notes: list[str]) -> tuple[dict[str, str], dict[st
         return None
     try:
         with HyperVStorage.open(path) as c:
-            return _registry_entries(c, REGISTRY_VMS), _registry_entries(c, REGISTRY_VMS_CACHE)
+            return _registry_entries(c, REGISTRY_VMS_KEY), _registry_entries(c, REGISTRY_VMS_CACHE)
     except Vm2coreError as e:
         notes.append(f"host registry not readable, folders scanned instead: {e}")
         return None
@@ -391,7 +385,7 @@ def _registry_entries(c: HyperVStorage, node_path: str) -> dict[str, str]:
         name = child.rsplit("/", 1)[1]
         if not is_guid(name):
             continue
-        value = _string(c, child)
+        value = optional_string(c, child)
         if value:
             out[normal_guid(name)] = value
     return out
