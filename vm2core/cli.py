@@ -24,6 +24,7 @@ from vm2core import __version__
 from vm2core.core.convert import Progress, convert
 from vm2core.core.sizing import parse_size, planned_core_size
 from vm2core.errors import OutputError, SizeLimitError, UsageError, Vm2coreError
+from vm2core.guest.vmcoreinfo import GuestKernel
 from vm2core.progress import LogProgress, TerminalProgress, human_bytes
 from vm2core.reader.backend import BACKENDS, SavedStateFace, open_saved_state
 from vm2core.reader.salvage import EXIT_WITH_LOSSES, SalvageReport
@@ -422,15 +423,15 @@ def _convert(inputs: list[Path], output: str | None, *, force: bool, quiet: bool
             rep.warn("--exclude-zero: the DLL reports no zero-page metadata, so nothing is left out")
         if state.dirty:
             rep.warn(f"{input_path}: the replay log holds uncommitted changes; memory may be incomplete")
+        for other in inputs:           # the .vsv of a pair is an input too
+            _open_sink_guard(output, other)
         if kdump:
-            _convert_kdump(state, inputs, output, rep, force=force, compress=compress or "zlib",
+            _convert_kdump(state, output, rep, force=force, compress=compress or "zlib",
                            ssh_target=ssh_target, ssh_options=ssh_options, accept_new=accept_new, verify=verify,
                            want_sha256=want_sha256, digest_file=digest_file)
             if salvage:
                 _finish_salvage(state.salvage_report(), salvage_report, "core written")
             return
-        for other in inputs:           # the .vsv of a pair is an input too
-            _open_sink_guard(output, other)
         zeros = None
         if state.architecture == "x86_64":          # (other guests: convert() explains the refusal)
             planned, zeros = planned_core_size(state, exclude_zero=exclude_zero)
@@ -457,23 +458,14 @@ def _convert(inputs: list[Path], output: str | None, *, force: bool, quiet: bool
                 sink.abort()
             raise
     k = result.selection.kernel
-    if k is not None:
-        pb = "unknown" if k.phys_base is None else f"{k.phys_base:#x}"
-        rep.say(f"guest kernel {k.osrelease}, KERNELOFFSET={k.kernel_offset or 0:#x}, phys_base={pb}")
+    _say_kernel(rep, k)
     stored = base.position
     size = human_bytes(result.bytes_written) + (f" ({human_bytes(stored)} compressed)" if zstd_level is not None
                                                 else "")
     rep.say(f"wrote {size} to {base.description}: {len(state.vps)} CPUs, {len(result.layout.segments)} "
             f"PT_LOAD segments" + (", VMCOREINFO from guest memory" if k else ", no VMCOREINFO"))
-    if hashing is not None:
-        digest = hashing.hexdigest()
-        click.echo(f"{digest}  {output if output not in (None, '-') else (ssh_target or '-')}", err=output == "-")
-        if digest_file is not None and isinstance(base, FileSink):
-            _write_digest_file(digest_file, base.target, digest, force=force)
-    for note in getattr(base, "notes", []):
-        rep.say(note)
-    if ssh_target is not None:
-        rep.say(base.remote_hint(compressed=zstd_level is not None))  # type: ignore[attr-defined]
+    _after_commit(rep, base, hashing.hexdigest() if hashing is not None else None, output=output,
+                  ssh_target=ssh_target, digest_file=digest_file, force=force, compressed=zstd_level is not None)
     if salvage:
         _finish_salvage(state.salvage_report(), salvage_report, "core written")
 
@@ -482,6 +474,26 @@ def _write_digest_file(target: Path, core: Path, digest: str, *, force: bool) ->
     """``OUTPUT.sha256`` in sha256sum's format, so ``sha256sum -c`` checks the core (never
     replacing an existing file without -f, never half-written)."""
     write_beside(target, f"{digest}  {core.name}\n".encode("ascii"), force=force, what="the digest")
+
+
+def _say_kernel(rep: _Reporter, k: GuestKernel | None) -> None:
+    if k is not None:
+        pb = "unknown" if k.phys_base is None else f"{k.phys_base:#x}"
+        rep.say(f"guest kernel {k.osrelease}, KERNELOFFSET={k.kernel_offset or 0:#x}, phys_base={pb}")
+
+
+def _after_commit(rep: _Reporter, base: Sink, digest: str | None, *, output: str | None, ssh_target: str | None,
+                  digest_file: Path | None, force: bool, compressed: bool) -> None:
+    """What every output form says once the core is in place: digest (and OUTPUT.sha256), sink notes,
+    and for an upload the command to run on the remote side."""
+    if digest is not None:
+        click.echo(f"{digest}  {output if output not in (None, '-') else (ssh_target or '-')}", err=output == "-")
+        if digest_file is not None and isinstance(base, FileSink):
+            _write_digest_file(digest_file, base.target, digest, force=force)
+    for note in getattr(base, "notes", []):
+        rep.say(note)
+    if ssh_target is not None:
+        rep.say(base.remote_hint(compressed=compressed))  # type: ignore[attr-defined]
 
 
 def _kdump_format(out_format: str | None, compress: str | None, output: str | None, ssh_target: str | None,
@@ -506,7 +518,7 @@ def _kdump_format(out_format: str | None, compress: str | None, output: str | No
     return True
 
 
-def _convert_kdump(state: SavedStateFace, inputs: list[Path], output: str | None, rep: _Reporter, *, force: bool,
+def _convert_kdump(state: SavedStateFace, output: str | None, rep: _Reporter, *, force: bool,
                    compress: str, ssh_target: str | None, ssh_options: tuple[str, ...], accept_new: bool,
                    verify: bool, want_sha256: bool, digest_file: Path | None) -> None:
     """--format kdump: the file form on a file or an upload, the flattened form on a pipe."""
@@ -514,8 +526,6 @@ def _convert_kdump(state: SavedStateFace, inputs: list[Path], output: str | None
     from vm2core.sinks.hashing import file_sha256
 
     input_path = state.path
-    for other in inputs:           # the .vsv of a pair is an input too
-        _open_sink_guard(output, other)
     # The output is created inside the guarded region: whatever fails from now on removes it.
     sink: Sink | None = None
     digest = None
@@ -538,9 +548,7 @@ def _convert_kdump(state: SavedStateFace, inputs: list[Path], output: str | None
     if hashing is not None:
         digest = hashing.hexdigest()
     k = result.selection.kernel
-    if k is not None:
-        pb = "unknown" if k.phys_base is None else f"{k.phys_base:#x}"
-        rep.say(f"guest kernel {k.osrelease}, KERNELOFFSET={k.kernel_offset or 0:#x}, phys_base={pb}")
+    _say_kernel(rep, k)
     assert result.kdump is not None
     form = "flattened kdump-compressed" if result.flattened else "kdump-compressed"
     rep.say(f"wrote {human_bytes(base.position)} ({form}, {compress}; {human_bytes(result.kdump.pages * 4096)} of "
@@ -550,14 +558,8 @@ def _convert_kdump(state: SavedStateFace, inputs: list[Path], output: str | None
     if result.flattened:
         rep.say("flattened form (the output cannot seek): crash reads it as is; `makedumpfile -R FILE < IT` "
                 "turns it into the file form")
-    if digest is not None:
-        click.echo(f"{digest}  {output if output not in (None, '-') else (ssh_target or '-')}", err=output == "-")
-        if digest_file is not None and isinstance(base, FileSink):
-            _write_digest_file(digest_file, base.target, digest, force=force)
-    for note in getattr(base, "notes", []):
-        rep.say(note)
-    if ssh_target is not None:
-        rep.say(base.remote_hint(compressed=False))  # type: ignore[attr-defined]
+    _after_commit(rep, base, digest, output=output, ssh_target=ssh_target, digest_file=digest_file, force=force,
+                  compressed=False)
 
 
 @main.command()
