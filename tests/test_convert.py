@@ -29,11 +29,13 @@ USER_REGS = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8",
 
 
 class MemorySink(Sink):
-    """An in-memory sink; ``seekable`` chosen by the test to exercise both conversion paths."""
+    """An in-memory sink; ``seekable`` (and ``positional``, for kdump) chosen by the test to exercise
+    every conversion path."""
 
-    def __init__(self, seekable: bool) -> None:
+    def __init__(self, seekable: bool, positional: bool = False) -> None:
         super().__init__()
         self.seekable = seekable
+        self.positional = positional
         self.buf = io.BytesIO()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -43,6 +45,11 @@ class MemorySink(Sink):
 
     def patch(self, offset: int, data: bytes) -> None:
         assert self.seekable
+        self.buf.seek(offset)
+        self.buf.write(data)
+
+    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        assert self.positional and offset + len(data) <= self.position
         self.buf.seek(offset)
         self.buf.write(data)
 

@@ -7,7 +7,6 @@ product's); ground truth is the synthetic guest's RAM and the ELF core the CLI w
 from __future__ import annotations
 
 import hashlib
-import io
 import signal
 import struct
 import subprocess
@@ -352,36 +351,14 @@ def test_bad_input_mid_stream_leaves_nothing(tmp_path_factory: pytest.TempPathFa
 def test_in_process_independent_of_sink_kind(guest_vmrs: Path) -> None:
     """A positional in-memory sink gives the file form; the same sink without positional writes
     gives the flattened form of the same bytes."""
+    from tests.test_convert import MemorySink
     from vm2core.core.kdump import convert_kdump
     from vm2core.reader.savedstate import SavedState
-    from vm2core.sinks.base import Sink
-
-    class Mem(Sink):
-        def __init__(self, positional: bool) -> None:
-            super().__init__()
-            self.positional = positional
-            self.buf = io.BytesIO()
-
-        def write(self, data: bytes | bytearray | memoryview) -> None:
-            self.buf.seek(self.position)
-            self.buf.write(data)
-            self.position += len(data)
-
-        def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-            assert self.positional and offset + len(data) <= self.position
-            self.buf.seek(offset)
-            self.buf.write(data)
-
-        def commit(self) -> None:
-            pass
-
-        def abort(self) -> None:
-            pass
 
     outs = []
     for positional in (True, False):
         with SavedState.open(guest_vmrs) as state:
-            sink = Mem(positional)
+            sink = MemorySink(seekable=False, positional=positional)
             result = convert_kdump(state, sink, workers=2)
             assert result.flattened is not positional
             outs.append(sink.buf.getvalue())
