@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +180,30 @@ def leftovers(directory: Path, name: str) -> list[str]:
         return (entry.startswith((name, f".{name}")) or entry.endswith(".part")
                 or "tmp" in entry.lower())
     return sorted(p.name for p in directory.iterdir() if related(p.name))
+
+
+def interrupt_mid_conversion(cmd: Sequence[str], out: Path, ready: Callable[[], bool], *, settle: float = 0.0,
+                             timeout: float = 30.0) -> tuple[int, str]:
+    """Run ``cmd``, wait until ``ready()``, freeze the child, check it is mid-conversion (``out`` not yet
+    in place), Ctrl-C it; return its exit code and stderr.  POSIX (SIGSTOP/SIGCONT)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env(),
+                            preexec_fn=default_signals)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert time.monotonic() < deadline, "timed out waiting for the conversion to get under way"
+            time.sleep(0.001)
+        time.sleep(settle)
+        os.kill(proc.pid, signal.SIGSTOP)
+        assert not out.exists(), "conversion finished before the interrupt (input too small?)"
+        os.kill(proc.pid, signal.SIGINT)
+        os.kill(proc.pid, signal.SIGCONT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err.decode()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from tests.conftest import (
     cli_env,
     default_signals,
     file_sha256,
+    interrupt_mid_conversion,
     leftovers,
     run_cli,
 )
@@ -409,31 +410,19 @@ def _wait_for(predicate: object, timeout: float, what: str) -> None:
 @pytest.mark.parametrize("options", [[], ["--zstd=1", "--sha256"]], ids=" ".join)
 def test_ctrl_c_while_writing_a_file(big_vmrs: Path, workdir: Path, options: list[str]) -> None:
     out = workdir / "big.core"
-    proc = subprocess.Popen(cli_command(big_vmrs, out, *options), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=cli_env(), preexec_fn=default_signals)
-    try:
-        def temp_growing() -> bool:
-            parts = [p for p in workdir.iterdir() if p.name.startswith(".big.core.")]
-            return bool(parts) and parts[0].stat().st_size > 16 * MIB
 
-        if options:     # a compressed temporary stays small: give the conversion a moment instead
-            _wait_for(lambda: bool(leftovers(workdir, out.name)), 30, "the temporary output")
-            time.sleep(0.1)
-        else:
-            _wait_for(temp_growing, 30, "the temporary output to grow")
-        # Freeze the child, check it is mid-conversion, then interrupt it.
-        os.kill(proc.pid, signal.SIGSTOP)
-        assert not out.exists(), "conversion finished before the interrupt (input too small?)"
-        os.kill(proc.pid, signal.SIGINT)
-        os.kill(proc.pid, signal.SIGCONT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    text = err.decode()
+    def temp_growing() -> bool:
+        parts = [p for p in workdir.iterdir() if p.name.startswith(".big.core.")]
+        return bool(parts) and parts[0].stat().st_size > 16 * MIB
+
+    def temp_exists() -> bool:
+        return bool(leftovers(workdir, out.name))
+
+    # A compressed temporary stays small: give the conversion a moment instead of watching it grow.
+    code, text = interrupt_mid_conversion(cli_command(big_vmrs, out, *options), out,
+                                          temp_exists if options else temp_growing, settle=0.1 if options else 0.0)
     assert "Traceback" not in text, text
-    assert proc.returncode == EXIT_INTERRUPTED, text
+    assert code == EXIT_INTERRUPTED, text
     assert text.splitlines() == ["vm2core: interrupted"], text
     assert leftovers(workdir, out.name) == []
 

@@ -26,6 +26,7 @@ from tests.conftest import (
     cli_env,
     default_signals,
     file_sha256,
+    interrupt_mid_conversion,
     leftovers,
     run_cli,
 )
@@ -419,9 +420,7 @@ def test_peak_rss_stays_flat_on_a_large_guest(tmp_path: Path, guest: SyntheticGu
 @pytest.mark.parametrize("options", [[], ["--compress", "zstd", "--sha256"]], ids=" ".join)
 def test_ctrl_c_while_writing_a_kdump_file(tmp_path_factory: pytest.TempPathFactory, guest: SyntheticGuest,
                                            workdir: Path, options: list[str]) -> None:
-    import os
     import random
-    import time
 
     from tests.vmrs_writer import RangeSpec
 
@@ -429,25 +428,9 @@ def test_ctrl_c_while_writing_a_kdump_file(tmp_path_factory: pytest.TempPathFact
     write_vmrs(path, [RangeSpec(0, 512 * MIB // PAGE, lambda off, n: random.Random(off).randbytes(n))],
                guest.vps, WriterOptions(policy="raw-blocks"))
     out = workdir / "big.kdump"
-    proc = subprocess.Popen(cli_command(path, out, *options), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=cli_env(), preexec_fn=default_signals)
-    try:
-        deadline = time.monotonic() + 30
-        while not leftovers(workdir, out.name):
-            assert time.monotonic() < deadline, "no temporary output"
-            time.sleep(0.005)
-        time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGSTOP)
-        assert not out.exists(), "conversion finished before the interrupt"
-        os.kill(proc.pid, signal.SIGINT)
-        os.kill(proc.pid, signal.SIGCONT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    text = err.decode()
-    assert proc.returncode == 130, text
+    code, text = interrupt_mid_conversion(cli_command(path, out, *options), out,
+                                          lambda: bool(leftovers(workdir, out.name)), settle=0.2)
+    assert code == 130, text
     assert text.splitlines() == ["vm2core: interrupted"], text
     assert leftovers(workdir, out.name) == []
 
