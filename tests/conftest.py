@@ -6,6 +6,7 @@ exit code, output, stderr and peak RSS, so the tests see exactly what a user see
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -180,6 +181,30 @@ def leftovers(directory: Path, name: str) -> list[str]:
         return (entry.startswith((name, f".{name}")) or entry.endswith(".part")
                 or "tmp" in entry.lower())
     return sorted(p.name for p in directory.iterdir() if related(p.name))
+
+
+class TookTooLong(Exception):
+    """Raised by the alarm when a single in-process case runs away (a loop on a hostile size)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    def on_alarm(_signum: int, _frame: Any) -> None:
+        raise TookTooLong(f"more than {seconds} s")
+
+    if not hasattr(signal, "SIGALRM"):      # Windows: no alarm to interrupt a runaway case; check afterwards
+        start = time.monotonic()
+        yield
+        if time.monotonic() - start > seconds:
+            raise TookTooLong(f"more than {seconds} s")
+        return
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def interrupt_mid_conversion(cmd: Sequence[str], out: Path, ready: Callable[[], bool], *, settle: float = 0.0,

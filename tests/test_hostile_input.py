@@ -11,13 +11,11 @@ by parsing the intact file, so every case damages the structure it names.
 
 from __future__ import annotations
 
-import contextlib
 import random
-import signal
 import struct
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from tests.conftest import (
     leftovers,
     page_mix,
     run_cli,
+    time_limit,
     write_storage,
     write_tiny_vmrs,
 )
@@ -64,30 +63,6 @@ BASELINE_RSS_KIB = 100 * 1024                         # generous: a failing run 
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
-
-class TookTooLong(Exception):
-    """Raised by the alarm when a single in-process case runs away (a loop on a hostile size)."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    def on_alarm(_signum: int, _frame: Any) -> None:
-        raise TookTooLong(f"more than {seconds} s")
-
-    if not hasattr(signal, "SIGALRM"):      # Windows: no alarm to interrupt a runaway case; check afterwards
-        start = time.monotonic()
-        yield
-        if time.monotonic() - start > seconds:
-            raise TookTooLong(f"more than {seconds} s")
-        return
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
 
 def rejected(path: Path, *, seekable: bool = False, limit: float = 20.0) -> Vm2coreError:
     """Opening + converting ``path`` must raise a Vm2coreError (anything else propagates and fails)."""

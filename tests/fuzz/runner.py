@@ -11,17 +11,14 @@ memory of every case it ran.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import random
-import signal
 import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from tests.conftest import time_limit
 from tests.fuzz.layout import Layout, map_file
 from tests.fuzz.mutate import mutate
 from vm2core.errors import FormatError, Vm2coreError
@@ -30,26 +27,8 @@ from vm2core.sinks.base import Sink
 CASE_SECONDS = 10.0                  # issue 9: never more than 10 s for an input under 16 MB
 
 
-class CaseTimeout(Exception):
-    pass
-
-
 class CaseFailure(Exception):
     pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    def on_alarm(_signum: int, _frame: Any) -> None:
-        raise CaseTimeout(f"more than {seconds:.0f} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 class DigestSink(Sink):
@@ -115,7 +94,7 @@ def _check_error(err: Vm2coreError, path: Path, step: str) -> None:
 
 
 def run_case(path: Path) -> str:
-    """'converted' or 'rejected' (CaseFailure, CaseTimeout or any other exception: a failure)."""
+    """'converted' or 'rejected' (CaseFailure, TookTooLong from time_limit, or any other exception: a failure)."""
     from vm2core.core.convert import convert
     from vm2core.core.sizing import planned_core_size
     from vm2core.info import describe
